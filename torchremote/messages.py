@@ -1,0 +1,196 @@
+"""The messages client and worker exchange: a small tagged union, plus protocol constants.
+
+A websocket message is one *batch*: a list of the items below (see `wire.py` for the bytes).
+Client -> worker: `Hello` first, then batches of `Put`, `Call`, `Fetch`, `Release`, `Search`,
+`ListObjects`, `ManualSeed`, `Sync`. Worker -> client: `Welcome`, then batches of `Reply` and
+`Failure`. Ids are allocated by the client (as in TensorFlow's remote eager service), so a result can
+be named - and used in the next op - before the worker has produced it: output `k` of the op with id
+`n` is `ClientRef(n, k)`. Requests that want an answer carry a `req_id`; everything else is
+fire-and-forget, and a failure of such an op is reported as a `Failure` with `req_id=None`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PROTOCOL_VERSION = 1
+MAGIC = b"TRM1"                      # first bytes of every frame
+DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+# --- value types that travel inside messages -----------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ClientRef:
+    """Output `index` of the client's op `op_id`: an object in that client's namespace."""
+    op_id: int
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedRef:
+    """An object the worker's owner published; readable by every client, freed by none."""
+    pub_id: int
+
+
+Ref = ClientRef | PublishedRef
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """What a client needs to stand in for a remote tensor without its data."""
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    dtype: torch.dtype
+    requires_grad: bool
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorMeta":
+        return cls(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, t.requires_grad)
+
+    def empty_meta(self) -> torch.Tensor:
+        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
+        if self.storage_offset:
+            t = t.as_strided(self.shape, self.stride, self.storage_offset)
+        return t.requires_grad_(self.requires_grad) if self.requires_grad else t
+
+
+@dataclass(frozen=True, slots=True)
+class SameAs:
+    """In a reply: this output is the very input object `ref` (an in-place op, `out=`)."""
+    ref: Ref
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An exception as data: type name, message, the op that raised it, the remote traceback."""
+    type: str
+    message: str
+    op: str | None = None
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedInfo:
+    """A search hit: a pointer to published data and what the owner said about it."""
+    ref: PublishedRef
+    meta: TensorMeta
+    tags: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One row of a worker's registry."""
+    id: str
+    owner: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    tags: tuple[str, ...] = ()
+    description: str = ""
+
+
+# --- handshake -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    client_name: str
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    version: int
+    worker_id: str
+    client_id: str
+
+
+# --- client -> worker ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Store `tensor` (sent with this message) as `ClientRef(op_id, 0)`."""
+    op_id: int
+    tensor: torch.Tensor
+    requires_grad: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Run op `op` on the worker; its tensor outputs become `ClientRef(op_id, k)` in flatten order.
+
+    With `reply` the worker answers a `Reply(op_id, value)` whose tensors are `TensorMeta`/`SameAs`.
+    """
+    op_id: int
+    op: str
+    args: tuple
+    kwargs: dict
+    reply: bool = False
+    grad_enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Send the data of `ref` back (only its elements, never the storage behind a view)."""
+    req_id: int
+    ref: Ref
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The client holds no pointer to these any more."""
+    refs: tuple[ClientRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    req_id: int
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListObjects:
+    req_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManualSeed:
+    req_id: int
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """A barrier: answered once everything sent before it has run."""
+    req_id: int
+
+
+# --- worker -> client ----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    req_id: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """`req_id` failed; or, with `req_id=None`, the fire-and-forget op `op_id` failed."""
+    req_id: int | None
+    op_id: int | None
+    error: ErrorInfo
+
+
+# Wire codes: append only, never reuse a number.
+MESSAGE_TYPES: tuple[type, ...] = (
+    Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
+)
+VALUE_TYPES: tuple[type, ...] = (
+    TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo,
+)

@@ -1,0 +1,411 @@
+"""Bytes <-> messages. No I/O.
+
+A frame is one websocket message:
+
+    MAGIC | u32 body_len | u32 table_len | body | table | buffer 0 | buffer 1 | ...
+
+`body` is msgpack: the list of items of a batch (`messages.py`), torch values carried as msgpack ext
+types. `table` is msgpack: one `[dtype, shape, perm]` entry per tensor in the body, in order. Each
+buffer holds that tensor's elements, raw and little-endian, in memory order: a tensor whose strides
+are a permutation of a contiguous layout (a transpose, channels-last) travels as is and keeps its
+strides; any other view travels compacted, as `clone()` would lay it out. So a view of a large
+storage moves only its own elements. Tensors are never pickled.
+
+`decode` is total: for any input it returns items or raises `ProtocolError`, and it never allocates
+more than the input's size for tensor data (a header cannot make it reserve memory it did not send).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import fields
+from typing import Any, Iterable
+
+import msgpack
+import torch
+
+from . import messages as m
+from .errors import ProtocolError
+
+_PREFIX = struct.Struct("<4sII")
+MAX_DIMS = 64
+
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float16, torch.float32, torch.float64, torch.bfloat16,
+        torch.complex32, torch.complex64, torch.complex128,
+        torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.bool,
+        torch.float8_e4m3fn, torch.float8_e5m2,
+    )
+}
+_ALL_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+# ext type codes: append only
+_TENSOR, _CLIENT_REF, _PUB_REF, _TUPLE, _DTYPE, _DEVICE, _SLICE, _ELLIPSIS, _SIZE, _COMPLEX, \
+    _MEMORY_FORMAT, _LAYOUT, _RETURN_TYPE, _STRUCT = range(1, 15)
+
+_STRUCTS: tuple[type, ...] = m.MESSAGE_TYPES + m.VALUE_TYPES
+_STRUCT_CODE = {cls: i for i, cls in enumerate(_STRUCTS)}
+_STRUCT_ARITY = {cls: len(fields(cls)) for cls in _STRUCTS}
+_NAMED_ENUMS = {
+    _MEMORY_FORMAT: (torch.memory_format, {str(v).removeprefix("torch."): v for v in vars(torch).values()
+                                           if isinstance(v, torch.memory_format)}),
+    _LAYOUT: (torch.layout, {str(v).removeprefix("torch."): v for v in vars(torch).values()
+                             if isinstance(v, torch.layout)}),
+}
+
+
+class EncodeError(TypeError):
+    """A value torchremote does not know how to send (a Python object that is not data)."""
+
+
+# --- tensors <-> raw buffers ---------------------------------------------------------------------
+
+def memory_order(t: torch.Tensor) -> list[int] | None:
+    """The dim permutation that makes `t` contiguous, if its elements are dense in memory."""
+    if t.is_contiguous():
+        return None
+    perm = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+    if t.permute(perm).is_contiguous():
+        return perm
+    return []  # not dense: travels compacted
+
+
+def strides_after_transfer(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides `t` has once it arrives on the other side (those of `t.clone()`)."""
+    perm = memory_order(t)
+    if perm is None or perm == []:
+        return torch.empty(t.shape, device="meta").stride()
+    return tuple(t.stride())
+
+
+def _raw_view(t: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+    """A contiguous tensor holding `t`'s elements in memory order, and the permutation to undo."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    perm = memory_order(t)
+    if perm is None:
+        return t, None
+    if perm == []:
+        return t.contiguous(), None
+    return t.permute(perm), perm
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A zero-copy view of a contiguous CPU tensor's bytes, keeping the tensor alive."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    array = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    array._owner = t  # the memoryview keeps `array` alive, `array` keeps the tensor
+    return memoryview(array).cast("B")
+
+
+def _tensor_from(data: memoryview, dtype: torch.dtype, shape: list[int], perm: list[int] | None) -> torch.Tensor:
+    out = torch.empty(len(data), dtype=torch.uint8)
+    if len(data):
+        _bytes_of(out)[:] = data
+    phys_shape = [shape[d] for d in perm] if perm else shape
+    t = out.view(dtype).view(phys_shape)
+    if perm:
+        inverse = [0] * len(perm)
+        for i, d in enumerate(perm):
+            inverse[d] = i
+        t = t.permute(inverse)
+    return t
+
+
+# --- encode --------------------------------------------------------------------------------------
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.table: list[list] = []
+        self.buffers: list[memoryview] = []
+
+    def pack(self, obj: Any) -> bytes:
+        try:
+            return msgpack.packb(obj, default=self.default, strict_types=True, use_bin_type=True)
+        except (OverflowError, ValueError) as e:
+            raise EncodeError(f"cannot send {type(obj).__name__}: {e}") from None
+
+    def default(self, obj: Any) -> msgpack.ExtType:
+        pack = self.pack
+        if isinstance(obj, torch.Tensor):
+            return msgpack.ExtType(_TENSOR, pack(self.add_tensor(obj)))
+        if type(obj) is m.ClientRef:
+            return msgpack.ExtType(_CLIENT_REF, pack([obj.op_id, obj.index]))
+        if type(obj) is m.PublishedRef:
+            return msgpack.ExtType(_PUB_REF, pack(obj.pub_id))
+        if type(obj) is tuple:
+            return msgpack.ExtType(_TUPLE, pack(list(obj)))
+        if isinstance(obj, torch.Size):
+            return msgpack.ExtType(_SIZE, pack(list(obj)))
+        if isinstance(obj, torch.dtype):
+            return msgpack.ExtType(_DTYPE, pack(str(obj).removeprefix("torch.")))
+        if isinstance(obj, torch.device):
+            return msgpack.ExtType(_DEVICE, pack(str(obj)))
+        if type(obj) is slice:
+            return msgpack.ExtType(_SLICE, pack([obj.start, obj.stop, obj.step]))
+        if obj is Ellipsis:
+            return msgpack.ExtType(_ELLIPSIS, b"")
+        if type(obj) is complex:
+            return msgpack.ExtType(_COMPLEX, pack([obj.real, obj.imag]))
+        if isinstance(obj, torch.memory_format):
+            return msgpack.ExtType(_MEMORY_FORMAT, pack(str(obj).removeprefix("torch.")))
+        if isinstance(obj, torch.layout):
+            return msgpack.ExtType(_LAYOUT, pack(str(obj).removeprefix("torch.")))
+        if type(obj) in _STRUCT_CODE:
+            values = [getattr(obj, f.name) for f in fields(obj)]
+            return msgpack.ExtType(_STRUCT, pack([_STRUCT_CODE[type(obj)], *values]))
+        if isinstance(obj, tuple) and type(obj).__module__ == "torch.return_types":
+            return msgpack.ExtType(_RETURN_TYPE, pack([type(obj).__name__, list(obj)]))
+        if isinstance(obj, tuple):  # other named tuples travel as plain tuples
+            return msgpack.ExtType(_TUPLE, pack(list(obj)))
+        if isinstance(obj, bool):
+            return bool(obj)
+        if isinstance(obj, int):  # IntEnum and friends
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        raise EncodeError(f"torchremote cannot send a value of type {type(obj).__qualname__}")
+
+    def add_tensor(self, t: torch.Tensor) -> int:
+        if t.layout != torch.strided:
+            raise EncodeError(f"torchremote cannot send {t.layout} tensors yet; only strided tensors")
+        if t.device.type == "meta":
+            raise EncodeError("torchremote cannot send a meta tensor: it has no data")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise EncodeError(f"torchremote cannot send tensors of dtype {t.dtype}")
+        raw, perm = _raw_view(t)
+        self.table.append([dtype, list(t.shape), perm])
+        self.buffers.append(_bytes_of(raw))
+        return len(self.table) - 1
+
+
+def encode(items: list) -> list[bytes | memoryview]:
+    """Encode a batch as the chunks of one frame (send them as one message, in order)."""
+    enc = _Encoder()
+    body = enc.pack(list(items))
+    table = enc.pack(enc.table)
+    chunks: list[bytes | memoryview] = [_PREFIX.pack(m.MAGIC, len(body), len(table)) + body + table]
+    chunks.extend(b for b in enc.buffers if len(b))
+    return chunks
+
+
+def encode_bytes(items: list) -> bytes:
+    return b"".join(encode(items))
+
+
+# --- decode --------------------------------------------------------------------------------------
+
+def _fail(why: str) -> ProtocolError:
+    return ProtocolError(f"malformed torchremote message: {why}")
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_opt_int(v: Any) -> bool:
+    return v is None or type(v) is int
+
+
+def _is_str_tuple(v: Any) -> bool:
+    return type(v) is tuple and all(type(s) is str for s in v)
+
+
+def _is_shape(v: Any) -> bool:
+    return type(v) is tuple and all(type(s) is int for s in v)
+
+
+def _any(v: Any) -> bool:
+    return True
+
+
+def _of(*types: type) -> Any:
+    return lambda v: isinstance(v, types)
+
+
+_FIELD_CHECKS: dict[type, tuple] = {
+    m.Hello: (_is_int, _of(str), lambda v: v is None or type(v) is str),
+    m.Welcome: (_is_int, _of(str), _of(str)),
+    m.Put: (_is_int, _of(torch.Tensor), _of(bool)),
+    m.Call: (_is_int, _of(str), _of(tuple), _of(dict), _of(bool), _of(bool)),
+    m.Fetch: (_is_int, _of(m.ClientRef, m.PublishedRef)),
+    m.Release: (lambda v: type(v) is tuple and all(type(r) is m.ClientRef for r in v),),
+    m.Search: (_is_int, _is_str_tuple),
+    m.ListObjects: (_is_int,),
+    m.ManualSeed: (_is_int, _is_int),
+    m.Sync: (_is_int,),
+    m.Reply: (_is_int, _any),
+    m.Failure: (_is_opt_int, _is_opt_int, _of(m.ErrorInfo)),
+    m.TensorMeta: (_is_shape, _is_shape, _is_int, _of(torch.dtype), _of(bool)),
+    m.SameAs: (_of(m.ClientRef, m.PublishedRef),),
+    m.ErrorInfo: (_of(str), _of(str), lambda v: v is None or type(v) is str, _of(str)),
+    m.PublishedInfo: (_of(m.PublishedRef), _of(m.TensorMeta), _is_str_tuple, _of(str)),
+    m.ObjectInfo: (_of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _is_str_tuple, _of(str)),
+}
+assert set(_FIELD_CHECKS) == set(_STRUCTS)
+
+
+class _Decoder:
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=True,
+                               use_list=True)
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == _ELLIPSIS:
+            return Ellipsis
+        v = self.unpack(data)
+        if code == _TENSOR:
+            if not _is_int(v) or not 0 <= v < len(self.tensors):
+                raise _fail("tensor index out of range")
+            return self.tensors[v]
+        if code == _CLIENT_REF:
+            if not (type(v) is list and len(v) == 2 and all(_is_int(x) for x in v)):
+                raise _fail("bad object reference")
+            return m.ClientRef(v[0], v[1])
+        if code == _PUB_REF:
+            if not _is_int(v):
+                raise _fail("bad published reference")
+            return m.PublishedRef(v)
+        if code in (_TUPLE, _SIZE):
+            if type(v) is not list:
+                raise _fail("bad tuple")
+            if code == _SIZE:
+                if not all(_is_int(x) for x in v):
+                    raise _fail("bad torch.Size")
+                return torch.Size(v)
+            return tuple(v)
+        if code == _DTYPE:
+            if v not in _ALL_DTYPES:
+                raise _fail(f"unknown dtype {v!r}")
+            return _ALL_DTYPES[v]
+        if code == _DEVICE:
+            if type(v) is not str:
+                raise _fail("bad device")
+            try:
+                return torch.device(v)
+            except Exception:
+                raise _fail(f"bad device {v!r}") from None
+        if code == _SLICE:
+            if not (type(v) is list and len(v) == 3):
+                raise _fail("bad slice")
+            return slice(*v)
+        if code == _COMPLEX:
+            if not (type(v) is list and len(v) == 2 and all(type(x) in (int, float) for x in v)):
+                raise _fail("bad complex")
+            return complex(v[0], v[1])
+        if code in _NAMED_ENUMS:
+            kind, names = _NAMED_ENUMS[code]
+            if v not in names:
+                raise _fail(f"unknown {kind.__name__} {v!r}")
+            return names[v]
+        if code == _RETURN_TYPE:
+            if not (type(v) is list and len(v) == 2 and type(v[0]) is str and type(v[1]) is list):
+                raise _fail("bad return type")
+            cls = getattr(torch.return_types, v[0], None)
+            if not (isinstance(cls, type) and issubclass(cls, tuple)):
+                raise _fail(f"unknown return type {v[0]!r}")
+            try:
+                return cls(v[1])
+            except Exception:
+                raise _fail(f"bad {v[0]} value") from None
+        if code == _STRUCT:
+            if not (type(v) is list and v and _is_int(v[0]) and 0 <= v[0] < len(_STRUCTS)):
+                raise _fail("unknown message type")
+            cls = _STRUCTS[v[0]]
+            values = v[1:]
+            if len(values) != _STRUCT_ARITY[cls]:
+                raise _fail(f"{cls.__name__} takes {_STRUCT_ARITY[cls]} fields, got {len(values)}")
+            values = [tuple(x) if isinstance(x, list) and check in (_is_shape, _is_str_tuple) else x
+                      for x, check in zip(values, _FIELD_CHECKS[cls])]
+            for f, x, check in zip(fields(cls), values, _FIELD_CHECKS[cls]):
+                if not check(x):
+                    raise _fail(f"bad {cls.__name__}.{f.name}")
+            return cls(*values)
+        raise _fail(f"unknown ext type {code}")
+
+
+def _decode_table(table: Any, data: memoryview) -> list[torch.Tensor]:
+    if type(table) is not list:
+        raise _fail("tensor table is not a list")
+    tensors, offset = [], 0
+    for entry in table:
+        if not (type(entry) is list and len(entry) == 3):
+            raise _fail("bad tensor entry")
+        name, shape, perm = entry
+        if name not in DTYPES:
+            raise _fail(f"unsupported tensor dtype {name!r}")
+        if not (type(shape) is list and len(shape) <= MAX_DIMS and all(_is_int(s) and s >= 0 for s in shape)):
+            raise _fail("bad tensor shape")
+        if perm is not None and not (type(perm) is list and sorted(perm) == list(range(len(shape)))):
+            raise _fail("bad tensor layout")
+        dtype = DTYPES[name]
+        nbytes = dtype.itemsize
+        for s in shape:
+            nbytes *= s
+        if nbytes > len(data) - offset:
+            raise _fail("tensor data shorter than its header claims")
+        tensors.append(_tensor_from(data[offset:offset + nbytes], dtype, shape, perm))
+        offset += nbytes
+    if offset != len(data):
+        raise _fail("trailing bytes after tensor data")
+    return tensors
+
+
+def decode(data: bytes | bytearray | memoryview) -> list:
+    """Decode one frame into its batch of items; `ProtocolError` for anything else."""
+    if isinstance(data, str):
+        raise _fail("text frame")
+    view = memoryview(data).cast("B")
+    if len(view) < _PREFIX.size:
+        raise _fail("frame too short")
+    magic, body_len, table_len = _PREFIX.unpack_from(view)
+    if magic != m.MAGIC:
+        raise _fail("bad magic (not a torchremote peer, or another protocol version)")
+    start = _PREFIX.size
+    if body_len + table_len > len(view) - start:
+        raise _fail("frame shorter than its header claims")
+    body = view[start:start + body_len]
+    table_bytes = view[start + body_len:start + body_len + table_len]
+    try:
+        tensors = _decode_table(msgpack.unpackb(table_bytes, raw=False, use_list=True),
+                                view[start + body_len + table_len:])
+        items = _Decoder(tensors).unpack(body)
+    except ProtocolError:
+        raise
+    except (RecursionError, MemoryError) as e:
+        raise _fail(type(e).__name__) from None
+    except Exception as e:  # msgpack's own errors: ExtraData, FormatError, StackError, ValueError...
+        raise _fail(f"{type(e).__name__}: {e}") from None
+    if type(items) is not list or not all(type(i) in m.MESSAGE_TYPES for i in items):
+        raise _fail("a frame must hold a list of messages")
+    return items
+
+
+def iter_tensors(value: Any) -> Iterable[torch.Tensor]:
+    """Every tensor inside a decoded value (lists, tuples, dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from iter_tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_tensors(v)
