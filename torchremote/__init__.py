@@ -1,0 +1,22 @@
+"""torchremote: compute on tensors that live on another machine, with the torch code you have.
+
+    server = torchremote.start_worker(id="bob")          # or: torchremote worker --id bob
+    bob = torchremote.connect(server.url)
+    x = torch.tensor([1., 2, 3]).send(bob)               # a RemoteTensor: a pointer, no data
+    (x * 2).sum().item()                                 # runs on bob -> 12.0
+"""
+from . import device as _device  # registers the `remote` device before anything else
+from .client import Worker, connect
+from .errors import (ProtocolError, RemoteError, TorchRemoteError, WorkerConnectionError,
+                     WorkerPermissionError)
+from .messages import ObjectInfo
+from .server import WorkerServer, start_worker
+from .tensor import RemoteTensor, get, send
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get",
+    "TorchRemoteError", "WorkerConnectionError", "WorkerPermissionError", "ProtocolError",
+    "RemoteError",
+]

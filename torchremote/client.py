@@ -1,0 +1,246 @@
+"""`Worker`: the client's handle on one worker - the websocket adapter around a `ClientProtocol`.
+
+Calling rules: any thread may use a Worker. Asynchronous ops are queued and a background writer
+thread sends whatever has accumulated as one batch; requests that need an answer (`get`, `item`,
+`search`, ...) flush the queue from the caller's thread and wait for their reply, which a reader
+thread matches by id. No asyncio loop is used, so a Worker works where one already runs (Jupyter).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+import websockets
+from websockets.sync.client import connect as ws_connect
+
+from . import device as devices
+from . import messages as m
+from ._transport import WEBSOCKET_OPTIONS, send_chunks
+from .errors import TorchRemoteError, WorkerConnectionError, from_info
+from .protocol import ClientProtocol
+from .store import ObjectTable
+from .tensor import RemoteTensor
+from . import wire
+
+MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
+RELEASE_POLL_S = 0.05        # how often released pointers are sent when nothing else is
+
+
+class Worker:
+    """A connection to a torchremote worker. Create with `torchremote.connect(url)`."""
+
+    def __init__(self, url: str, *, token: str | None = None, name: str | None = None,
+                 timeout: float = 10.0, max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.url = url
+        token = token if token is not None else os.environ.get("TORCHREMOTE_TOKEN")
+        self._protocol = ClientProtocol(name or f"client-{os.getpid()}", token)
+        self._lock = threading.RLock()
+        self._pending: dict[int, Future] = {}
+        self._deferred: list[m.Failure] = []
+        self._closed: WorkerConnectionError | None = None
+        self._wake = threading.Event()
+        try:
+            self._ws = ws_connect(url, open_timeout=timeout, max_size=max_message_bytes, proxy=None,
+                                  **WEBSOCKET_OPTIONS)
+        except Exception as e:
+            raise WorkerConnectionError(f"cannot connect to a worker at {url}: {e}") from e
+        try:
+            send_chunks(self._ws, self._protocol.hello())
+            welcome = self._protocol.receive_welcome(self._ws.recv(timeout=m.HANDSHAKE_TIMEOUT_S))
+        except TorchRemoteError:
+            self._ws.close()
+            raise
+        except Exception as e:
+            self._ws.close()
+            raise WorkerConnectionError(f"handshake with {url} failed: {e}") from e
+        self.id: str = welcome.worker_id
+        self.client_id: str = welcome.client_id
+        self.device: torch.device = devices.register(self)
+        self._reader = threading.Thread(target=self._read_loop, name=f"torchremote-read-{self.id}",
+                                        daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name=f"torchremote-write-{self.id}",
+                                        daemon=True)
+        self._reader.start()
+        self._writer.start()
+
+    # --- public API ---
+    def search(self, *tags: str) -> list[RemoteTensor]:
+        """Pointers to the data the worker's owner published with all of these tags."""
+        hits = self._request(m.Search, tuple(tags))
+        return [RemoteTensor._wrap(h.meta.empty_meta(), self, h.ref, h) for h in hits]
+
+    def objects(self) -> ObjectTable:
+        """What this client may see on the worker: published data and its own objects."""
+        return ObjectTable(self._request(m.ListObjects))
+
+    def manual_seed(self, seed: int) -> None:
+        """Seed the worker's random number generator."""
+        self._request(m.ManualSeed, int(seed))
+
+    def sync(self) -> None:
+        """Wait until every op sent so far has run; raise the first error among them, if any."""
+        self._request(m.Sync)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def close(self) -> None:
+        """Flush what is queued and disconnect; the worker frees what this client created."""
+        if self._closed is not None:
+            return
+        try:
+            with self._lock:
+                self._flush_locked()
+        except TorchRemoteError:
+            pass
+        self._shutdown(WorkerConnectionError(f"the connection to worker {self.id!r} was closed"))
+        self._ws.close()
+        self._reader.join(timeout=5)
+        self._writer.join(timeout=5)
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "connected"
+        return f"Worker(id={self.id!r}, url={self.url!r}, device={self.device}, {state})"
+
+    # --- used by RemoteTensor and dispatch ---
+    def _put(self, tensor: torch.Tensor) -> RemoteTensor:
+        meta = torch.empty_strided(tensor.shape, wire.strides_after_transfer(tensor),
+                                   dtype=tensor.dtype, device="meta")
+        if tensor.requires_grad:
+            meta.requires_grad_(True)
+        with self._lock:
+            self._check_open()
+            ref = self._protocol.put(tensor.detach(), tensor.requires_grad)
+            self._flush_locked()  # the bytes leave now: no snapshot copy, and `tensor` may change after
+        return RemoteTensor._wrap(meta, self, ref)
+
+    def _call(self, op: str, args: tuple, kwargs: dict) -> int:
+        with self._lock:
+            self._check_open()
+            op_id = self._protocol.call(op, args, kwargs, reply=False,
+                                        grad_enabled=torch.is_grad_enabled())
+            if self._protocol.pending_commands >= MAX_QUEUED_COMMANDS:
+                self._flush_locked()
+        if not self._wake.is_set():
+            self._wake.set()
+        return op_id
+
+    def _call_sync(self, op: str, args: tuple, kwargs: dict) -> tuple[int, Any]:
+        with self._lock:
+            self._check_open()
+            op_id = self._protocol.call(op, args, kwargs, reply=True,
+                                        grad_enabled=torch.is_grad_enabled())
+            future = self._pending[op_id] = Future()
+            self._flush_locked()
+        return op_id, self._wait(future, op)
+
+    def _fetch(self, ref: m.Ref) -> torch.Tensor:
+        return self._request(m.Fetch, ref)
+
+    def _release(self, ref: m.ClientRef) -> None:
+        if self._closed is None:
+            self._protocol.release(ref)
+
+    # --- I/O ---
+    def _request(self, kind: type, *fields: Any) -> Any:
+        with self._lock:
+            self._check_open()
+            req_id = self._protocol.request(kind, *fields)
+            future = self._pending[req_id] = Future()
+            self._flush_locked()
+        return self._wait(future, kind.__name__.lower())
+
+    def _wait(self, future: Future, what: str) -> Any:
+        try:
+            value = future.result()
+        except BaseException:
+            self._deferred.clear()  # this error is what surfaces now
+            raise
+        if self._deferred:
+            first, self._deferred = self._deferred[0], []
+            exc = from_info(first.error, self.id)
+            exc.add_note(f"an earlier asynchronous op (#{first.op_id}) failed; this is the first "
+                         f"synchronisation since ({what}), and that op's results are invalid")
+            raise exc
+        return value
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise WorkerConnectionError(str(self._closed))
+
+    def _flush_locked(self) -> None:
+        chunks = self._protocol.data_to_send()
+        if not chunks:
+            return
+        try:
+            send_chunks(self._ws, chunks)
+        except wire.EncodeError:
+            raise
+        except Exception as e:
+            err = WorkerConnectionError(f"lost the connection to worker {self.id!r} at {self.url}: {e}")
+            self._shutdown(err)
+            raise err from e
+
+    def _write_loop(self) -> None:
+        while self._closed is None:
+            self._wake.wait(RELEASE_POLL_S)
+            self._wake.clear()
+            if self._protocol.pending_commands or self._protocol.pending_releases:
+                try:
+                    with self._lock:
+                        if self._closed is None:
+                            self._flush_locked()
+                except wire.EncodeError as e:  # an argument the wire cannot carry: fail that batch
+                    self._deferred.append(m.Failure(None, None, m.ErrorInfo("TypeError", str(e))))
+                except TorchRemoteError:
+                    return
+
+    def _read_loop(self) -> None:
+        reason: Exception | None = None
+        try:
+            for data in self._ws:
+                for item in self._protocol.receive_data(data):
+                    self._deliver(item)
+        except websockets.ConnectionClosed as e:
+            reason = e
+        except Exception as e:  # a protocol error or a torn socket: the connection is unusable
+            reason = e
+        self._shutdown(WorkerConnectionError(
+            f"lost the connection to worker {self.id!r} at {self.url}"
+            + (f": {reason}" if reason is not None else "")))
+
+    def _deliver(self, item: Any) -> None:
+        future = self._pending.pop(item.req_id, None) if item.req_id is not None else None
+        if isinstance(item, m.Reply):
+            if future is not None:
+                future.set_result(item.value)
+        elif future is not None:
+            future.set_exception(from_info(item.error, self.id))
+        else:
+            self._deferred.append(item)
+
+    def _shutdown(self, error: WorkerConnectionError) -> None:
+        with self._lock:
+            if self._closed is None:
+                self._closed = error
+            pending, self._pending = self._pending, {}
+        self._wake.set()
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(WorkerConnectionError(str(self._closed)))
+
+
+def connect(url: str, token: str | None = None, *, name: str | None = None, timeout: float = 10.0,
+            max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES) -> Worker:
+    """Connect to the worker at `url` (ws://host:port). The token defaults to $TORCHREMOTE_TOKEN."""
+    return Worker(url, token=token, name=name, timeout=timeout, max_message_bytes=max_message_bytes)

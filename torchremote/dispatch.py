@@ -1,0 +1,148 @@
+"""A torch call on RemoteTensors -> a message to their worker -> RemoteTensors back.
+
+Every call first runs on the meta stand-ins: that checks it, and gives the outputs' metadata with no
+round trip. If it yields tensors, the op is queued (asynchronous: it returns at once, with ids the
+client allocated, and the worker runs it in order). If it cannot - a Python value is asked for
+(`item`, `bool`), the output shape depends on data (`nonzero`), meta has no kernel, or the call is
+an error - the call is made synchronously, so the caller gets the worker's value or the worker's own
+exception. Errors the meta run cannot see surface at the next synchronisation, as with CUDA.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import messages as m
+from . import inference, ops
+from .tensor import RemoteTensor
+
+if TYPE_CHECKING:
+    from .client import Worker
+
+
+_FLAT = None  # the spec of a call whose arguments are all leaves: no pytree needed
+_CONTAINERS = (list, tuple, dict)
+
+
+def _flatten(args: tuple, kwargs: dict) -> tuple[list, Any]:
+    if not kwargs and not any(isinstance(a, _CONTAINERS) for a in args):
+        return list(args), _FLAT
+    return tree_flatten((args, kwargs))
+
+
+def _unflatten(flat: list, spec: Any) -> tuple[tuple, dict]:
+    return (tuple(flat), {}) if spec is _FLAT else tree_unflatten(flat, spec)
+
+
+def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
+    special = ops.SPECIAL.get(func)
+    if special is not None:
+        return special(func, args, kwargs)
+    flat, spec = _flatten(args, kwargs)
+    if func in ops.LOCAL_QUERIES:
+        margs, mkwargs = _unflatten([_stand_in(a) for a in flat], spec)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*margs, **mkwargs)
+    return _remote(func, flat, spec)
+
+
+def remote_call(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """The generic path, for special handlers that end in an ordinary remote op."""
+    return _remote(func, *_flatten(args, kwargs))
+
+
+def _remote(func: Callable, flat: list, spec: Any) -> Any:
+    worker = worker_of(flat)
+    name = ops.name_of(func)
+    if name is None:
+        raise NotImplementedError(
+            f"torchremote cannot run {getattr(func, '__qualname__', func)!r} on a worker: it is not "
+            f"a torch function, Tensor method or ATen op")
+    return _call(worker, func, name, flat, spec)
+
+
+def worker_of(flat: list) -> "Worker":
+    """The one worker whose tensors an op uses; an error naming both if there are two."""
+    worker = None
+    for a in flat:
+        if isinstance(a, RemoteTensor):
+            if worker is None:
+                worker = a._worker
+            elif a._worker is not worker:
+                raise RuntimeError(
+                    f"this op mixes tensors on worker {worker.id!r} ({worker.device}) and worker "
+                    f"{a._worker.id!r} ({a._worker.device}); bring them to one worker first")
+    if worker is None:
+        raise RuntimeError("no RemoteTensor among the arguments")
+    return worker
+
+
+def _stand_in(a: Any) -> Any:
+    return a._meta if isinstance(a, RemoteTensor) else a
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return out.requires_grad_(True) if t.requires_grad else out
+
+
+def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) -> Any:
+    metas = []
+    for a in flat:
+        if isinstance(a, RemoteTensor):
+            metas.append(a._meta)
+        elif isinstance(a, torch.Tensor):
+            if a.device.type == "meta":
+                raise RuntimeError(f"{name}: a meta tensor has no data to send to worker {worker.id!r}")
+            metas.append(_meta_like(a))
+        else:
+            metas.append(a)
+    plan = inference.plan(func, name, metas, spec)
+    if plan is None:
+        return _call_sync(worker, name, flat, spec)
+    for kind, i in plan.leaves:
+        if kind == inference.IN and not isinstance(flat[i], RemoteTensor):
+            raise RuntimeError(f"{name} would write its result into a local tensor; the op runs on "
+                               f"worker {worker.id!r}: use a RemoteTensor there (or .get() first)")
+    # local operands travel as a snapshot taken now, whenever the batch is sent
+    wire_args, wire_kwargs = _unflatten(
+        [a._ref if isinstance(a, RemoteTensor) else a.detach().clone() if isinstance(a, torch.Tensor)
+         else a for a in flat], spec)
+    op_id = worker._call(name, wire_args, wire_kwargs)
+    results, k = [], 0
+    for position, (kind, payload) in enumerate(plan.leaves):
+        if kind == inference.VALUE:
+            results.append(payload)
+            continue
+        ref = m.ClientRef(op_id, k)
+        k += 1
+        if kind == inference.IN:  # in place, or out=: the very object it was called on
+            worker._release(ref)
+            results.append(flat[payload])
+        else:
+            results.append(RemoteTensor._wrap(plan.new_meta(position), worker, ref))
+    return tree_unflatten(results, plan.spec)
+
+
+def _call_sync(worker: "Worker", name: str, flat: list, spec: Any) -> Any:
+    args, kwargs = _unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
+    op_id, value = worker._call_sync(name, args, kwargs)
+    inputs = {a._ref: a for a in flat if isinstance(a, RemoteTensor)}
+    leaves, out_spec = tree_flatten(value)
+    results, k = [], 0
+    for leaf in leaves:
+        if isinstance(leaf, m.TensorMeta):
+            results.append(RemoteTensor._wrap(leaf.empty_meta(), worker, m.ClientRef(op_id, k)))
+            k += 1
+        elif isinstance(leaf, m.SameAs):
+            worker._release(m.ClientRef(op_id, k))
+            k += 1
+            results.append(inputs[leaf.ref])
+        else:
+            results.append(leaf)
+    return tree_unflatten(results, out_spec)
+
+
+from . import special  # noqa: E402,F401  (registers the special handlers)

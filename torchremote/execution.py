@@ -1,0 +1,189 @@
+"""How a worker runs one client's commands. No I/O: `Session.run(batch) -> replies`.
+
+A failed op fails alone: its error is recorded against its id, ops that later use its outputs fail
+with that same error (reported once, at its root), and unrelated ops in the batch still run.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from . import messages as m
+from . import ops
+from .errors import WorkerPermissionError, to_info
+from .store import ObjectStore, object_id
+
+_SENDABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+                    torch.memory_format, torch.layout, m.TensorMeta, m.SameAs, slice, type(Ellipsis))
+
+
+class _Poisoned(Exception):
+    """An argument is the output of an op that failed; carries that op's error."""
+
+    def __init__(self, info: m.ErrorInfo) -> None:
+        self.info = info
+
+
+class Session:
+    """One client's view of a worker: its namespace, its failed ops, the device it computes on."""
+
+    def __init__(self, store: ObjectStore, client_id: str, *, device: torch.device | str = "cpu",
+                 peer: str = "", log: logging.Logger | None = None) -> None:
+        self.store = store
+        self.client_id = client_id
+        self.device = torch.device(device)
+        self.peer = peer
+        self.log = log or logging.getLogger("torchremote.worker")
+        self.objects = store.open_namespace(client_id)
+        self.failed: dict[int, m.ErrorInfo] = {}
+        self._handlers: dict[type, Callable[[Any, list], None]] = {
+            m.Put: self._put, m.Call: self._call, m.Fetch: self._fetch, m.Release: self._release,
+            m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
+            m.Sync: self._sync,
+        }
+
+    def run(self, commands: list) -> list:
+        """Run a batch in order; returns the replies and failures to send back (maybe none)."""
+        out: list = []
+        verbose = self.log.isEnabledFor(logging.INFO)
+        for cmd in commands:
+            if verbose:
+                self.log.info("%s %s: %s", self.peer, self.client_id, _describe(cmd))
+            try:
+                self._handlers[type(cmd)](cmd, out)
+            except Exception as e:  # a handler's own bug must not take the connection down
+                out.append(m.Failure(getattr(cmd, "req_id", None), None,
+                                     to_info(e, tb=traceback.format_exc())))
+        return out
+
+    def close(self) -> int:
+        return self.store.close_namespace(self.client_id)
+
+    # --- resolving references ---
+    def _tensor(self, ref: m.Ref) -> torch.Tensor:
+        if isinstance(ref, m.PublishedRef):
+            return self.store.published(ref).tensor
+        t = self.objects.get(ref)
+        if t is not None:
+            return t
+        if ref.op_id in self.failed:
+            raise _Poisoned(self.failed[ref.op_id])
+        raise LookupError(f"object {object_id(ref)} does not exist on this worker "
+                          f"(it was released, or was never created)")
+
+    def _resolve(self, value: Any, inputs: dict[int, m.Ref]) -> Any:
+        def leaf(v: Any) -> Any:
+            if isinstance(v, (m.ClientRef, m.PublishedRef)):
+                t = self._tensor(v)
+                inputs[id(t)] = v
+                return t
+            if isinstance(v, torch.device) and v.type == _REMOTE:
+                return self.device
+            if isinstance(v, torch.Tensor) and v.device != self.device:
+                return v.to(self.device)
+            return v
+        return tree_map(leaf, value)
+
+    # --- commands ---
+    def _put(self, cmd: m.Put, out: list) -> None:
+        t = cmd.tensor.to(self.device)
+        if cmd.requires_grad:
+            t.requires_grad_(True)
+        self.objects[m.ClientRef(cmd.op_id, 0)] = t
+
+    def _call(self, cmd: m.Call, out: list) -> None:
+        inputs: dict[int, m.Ref] = {}
+        req_id = cmd.op_id if cmd.reply else None
+        try:
+            func = ops.resolve(cmd.op)
+            args = self._resolve(cmd.args, inputs)
+            kwargs = self._resolve(cmd.kwargs, inputs)
+            with torch.set_grad_enabled(cmd.grad_enabled):
+                result = func(*args, **kwargs)
+        except _Poisoned as p:  # reported where it happened; only answer if asked
+            self.failed[cmd.op_id] = p.info
+            if cmd.reply:
+                out.append(m.Failure(req_id, cmd.op_id, p.info))
+            return
+        except Exception as e:
+            tb = "" if isinstance(e, WorkerPermissionError) else traceback.format_exc(limit=-4)
+            info = to_info(e, op=cmd.op, tb=tb)
+            self.failed[cmd.op_id] = info
+            if not isinstance(e, WorkerPermissionError):
+                self.log.debug("%s %s: op %s failed: %s", self.peer, self.client_id, cmd.op, e)
+            out.append(m.Failure(req_id, cmd.op_id, info))
+            return
+        leaves, _ = tree_flatten(result)
+        k = 0
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                self.objects[m.ClientRef(cmd.op_id, k)] = leaf
+                k += 1
+        if cmd.reply:
+            try:
+                out.append(m.Reply(req_id, _describe_result(result, inputs)))
+            except TypeError as e:
+                out.append(m.Failure(req_id, cmd.op_id, to_info(e, op=cmd.op)))
+
+    def _fetch(self, cmd: m.Fetch, out: list) -> None:
+        try:
+            if isinstance(cmd.ref, m.PublishedRef) and not self.store.published(cmd.ref).allow_get:
+                raise WorkerPermissionError(
+                    f"object {object_id(cmd.ref)} was published with allow_get=False: "
+                    f"compute on it, but its data never leaves the worker")
+            out.append(m.Reply(cmd.req_id, self._tensor(cmd.ref).detach()))
+        except _Poisoned as p:
+            out.append(m.Failure(cmd.req_id, None, p.info))
+        except Exception as e:
+            out.append(m.Failure(cmd.req_id, None, to_info(e)))
+
+    def _release(self, cmd: m.Release, out: list) -> None:
+        for ref in cmd.refs:
+            self.objects.pop(ref, None)
+            self.failed.pop(ref.op_id, None)
+
+    def _search(self, cmd: m.Search, out: list) -> None:
+        out.append(m.Reply(cmd.req_id, self.store.search(cmd.tags)))
+
+    def _list(self, cmd: m.ListObjects, out: list) -> None:
+        out.append(m.Reply(cmd.req_id, self.store.rows(self.client_id)))
+
+    def _seed(self, cmd: m.ManualSeed, out: list) -> None:
+        torch.manual_seed(cmd.seed)
+        out.append(m.Reply(cmd.req_id, None))
+
+    def _sync(self, cmd: m.Sync, out: list) -> None:
+        out.append(m.Reply(cmd.req_id, None))
+
+
+_REMOTE = "remote"  # the device type name RemoteTensors carry (see device.py)
+
+
+def _describe_result(result: Any, inputs: dict[int, m.Ref]) -> Any:
+    """The reply for a synchronous call: tensors become metadata (or the input they are)."""
+    def leaf(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            ref = inputs.get(id(v))
+            return m.SameAs(ref) if ref is not None else m.TensorMeta.of(v)
+        if not isinstance(v, _SENDABLE_LEAVES):
+            raise TypeError(f"a result of type {type(v).__qualname__} cannot be sent back")
+        return v
+    return tree_map(leaf, result)
+
+
+def _describe(cmd: Any) -> str:
+    if isinstance(cmd, m.Call):
+        return f"call {cmd.op} (op {cmd.op_id}{', reply' if cmd.reply else ''})"
+    if isinstance(cmd, m.Put):
+        return f"put {tuple(cmd.tensor.shape)} {cmd.tensor.dtype} as {cmd.op_id}"
+    if isinstance(cmd, m.Fetch):
+        return f"fetch {object_id(cmd.ref)}"
+    if isinstance(cmd, m.Release):
+        return f"release {len(cmd.refs)} object(s)"
+    if isinstance(cmd, m.Search):
+        return f"search {list(cmd.tags)}"
+    return type(cmd).__name__.lower()

@@ -1,0 +1,117 @@
+"""The op vocabulary: torch callable <-> stable name, the worker's allow-list, special handlers.
+
+Names come from `torch.overrides.resolve_name` ("torch.add", "torch.Tensor.add",
+"torch.Tensor.__radd__", "torch.Tensor.T.__get__", "torch.nn.functional.relu", ...), plus ATen
+overloads ("aten.zero_.default") and Tensor property setters. A worker turns a name back into a
+callable only through `resolve`, which looks it up in tables built from torch itself: a name outside
+them - `os.system`, `builtins.eval`, anything imported from elsewhere - is refused, and nothing named
+by the network is ever imported. Calls that touch storage, hooks, pickling or files are refused too.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+from torch.overrides import get_overridable_functions, resolve_name
+
+from .errors import WorkerPermissionError
+
+_TensorBase = torch._C.TensorBase
+_GETSET = type(_TensorBase.__dict__["shape"])
+_DENIED = re.compile(
+    r"storage(?!_offset)|hook|dlpack|numpy|__array|share_memory|__reduce|__setstate__|__getstate__"
+    r"|from_file|module_load|data_ptr|_cdata|__deepcopy__|pin_memory|_make_subclass|_make_wrapper"
+)
+_ATEN_NAMESPACES = ("aten", "prims")
+
+
+def _build_tables() -> tuple[dict[Any, str], dict[str, Callable]]:
+    name_of: dict[Any, str] = {}
+    by_name: dict[str, Callable] = {}
+    for funcs in get_overridable_functions().values():
+        for f in funcs:
+            name = resolve_name(f)
+            if name and not _DENIED.search(name):
+                name_of[f] = name
+                by_name[name] = f
+    return name_of, by_name
+
+
+_NAME_OF, _BY_NAME = _build_tables()
+
+
+def name_of(func: Callable) -> str | None:
+    """The stable name of a torch callable, or None if it is not part of the vocabulary."""
+    try:
+        name = _NAME_OF.get(func)
+    except TypeError:  # unhashable callable
+        return None
+    if name is not None:
+        return name
+    if isinstance(func, torch._ops.OpOverload):
+        ns = func.namespace
+        return f"{ns}.{func._opname}.{func._overloadname}" if ns in _ATEN_NAMESPACES else None
+    descriptor = getattr(func, "__self__", None)
+    if isinstance(descriptor, _GETSET) and descriptor.__objclass__ is _TensorBase:
+        return f"torch.Tensor.{descriptor.__name__}.{func.__name__}"
+    return None
+
+
+def resolve(name: str) -> Callable:
+    """The callable a name stands for, if the worker may run it; else `WorkerPermissionError`."""
+    func = _BY_NAME.get(name) if type(name) is str else None
+    if func is None and type(name) is str and not _DENIED.search(name):
+        func = _resolve_aten(name) or _resolve_property(name)
+    if func is None:
+        raise WorkerPermissionError(
+            f"op {name!r} is not in this worker's allow-list (torch functions, Tensor methods and "
+            f"properties, torch.nn.functional, torch.linalg, torch.fft, torch.special, ATen ops)")
+    return func
+
+
+def _resolve_aten(name: str) -> Callable | None:
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] not in _ATEN_NAMESPACES:
+        return None
+    packet = getattr(getattr(torch.ops, parts[0]), parts[1], None)
+    overload = getattr(packet, parts[2], None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
+    return overload if isinstance(overload, torch._ops.OpOverload) else None
+
+
+def _resolve_property(name: str) -> Callable | None:
+    parts = name.split(".")
+    if len(parts) != 4 or parts[:2] != ["torch", "Tensor"] or parts[3] not in ("__get__", "__set__"):
+        return None
+    descriptor = _TensorBase.__dict__.get(parts[2])
+    return getattr(descriptor, parts[3]) if isinstance(descriptor, _GETSET) else None
+
+
+# --- calls answered on the client, from the meta stand-in, without a message ----------------------
+
+_T = torch.Tensor
+LOCAL_QUERIES: frozenset = frozenset({
+    *(getattr(_T, p).__get__ for p in (
+        "shape", "dtype", "layout", "ndim", "requires_grad", "is_leaf", "grad_fn", "is_sparse",
+        "is_sparse_csr", "is_quantized", "is_mkldnn", "is_nested", "is_cuda", "is_xpu", "is_mps",
+        "is_cpu", "itemsize", "nbytes", "output_nr", "_version",
+    )),
+    _T.size, _T.stride, _T.dim, _T.ndimension, _T.numel, _T.nelement, _T.element_size,
+    _T.is_contiguous, _T.is_floating_point, _T.is_complex, _T.is_signed, _T.storage_offset,
+    _T.is_conj, _T.is_neg, _T.is_inference, _T.__len__, _T.dim_order,
+    torch.numel, torch.is_floating_point, torch.is_complex, torch.is_conj, torch.is_neg,
+    torch.is_inference, torch.is_same_size, torch.result_type,
+})
+
+# --- the few calls that need their own implementation: `@implements(func)` -----------------------
+
+SPECIAL: dict[Any, Callable] = {}
+
+
+def implements(*funcs: Any) -> Callable[[Callable], Callable]:
+    """Register `handler(func, args, kwargs)` for calls the generic path must not take."""
+    def register(handler: Callable) -> Callable:
+        for f in funcs:
+            SPECIAL[f] = handler
+        return handler
+    return register

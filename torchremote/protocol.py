@@ -1,0 +1,131 @@
+"""Sans-I/O sessions: the state of each end of a connection, with no sockets and no threads.
+
+Calling rules, client side: `hello()` first and send its bytes; feed the worker's first message to
+`receive_welcome()`. Then any number of `put`/`call`/`request`/`release` calls queue commands, and
+`data_to_send()` returns the next frame (all queued commands as one batch, releases included) or an
+empty list. Every message from the worker goes to `receive_data()`, which returns `Reply` and
+`Failure` items. `release()` may be called from any thread, a garbage collector included; the other
+methods need the caller's lock. The worker side is the mirror image (`ServerProtocol`).
+
+Two of these wired back to back (see tests/test_protocol.py) exercise the whole protocol without I/O.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Any
+
+import torch
+
+from . import messages as m
+from . import wire
+from .errors import ProtocolError, from_info, to_info
+
+Chunks = list  # list[bytes | memoryview]: the parts of one websocket message, in order
+
+
+class ClientProtocol:
+    def __init__(self, client_name: str = "client", token: str | None = None) -> None:
+        self.client_name = client_name
+        self._token = token
+        self._ids = itertools.count(1)
+        self._outbox: list = []
+        self._releases: collections.deque[m.ClientRef] = collections.deque()
+        self.welcome: m.Welcome | None = None
+
+    # --- handshake ---
+    def hello(self) -> Chunks:
+        return wire.encode([m.Hello(m.PROTOCOL_VERSION, self.client_name, self._token)])
+
+    def receive_welcome(self, data: bytes) -> m.Welcome:
+        items = wire.decode(data)
+        if len(items) == 1 and isinstance(items[0], m.Welcome):
+            self.welcome = items[0]
+            return self.welcome
+        if len(items) == 1 and isinstance(items[0], m.Failure):
+            raise from_info(items[0].error, "worker")
+        raise ProtocolError("the worker did not answer the handshake with Welcome")
+
+    # --- commands ---
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def put(self, tensor: torch.Tensor, requires_grad: bool = False) -> m.ClientRef:
+        op_id = self.next_id()
+        self._outbox.append(m.Put(op_id, tensor, requires_grad))
+        return m.ClientRef(op_id, 0)
+
+    def call(self, op: str, args: tuple, kwargs: dict, *, reply: bool, grad_enabled: bool) -> int:
+        """Queue op `op`; returns its id. Its k-th tensor output is `ClientRef(id, k)`."""
+        op_id = self.next_id()
+        self._outbox.append(m.Call(op_id, op, args, kwargs, reply, grad_enabled))
+        return op_id
+
+    def request(self, kind: type, *fields: Any) -> int:
+        """Queue a request that wants a reply (`Fetch`, `Search`, `ListObjects`, `ManualSeed`, `Sync`)."""
+        req_id = self.next_id()
+        self._outbox.append(kind(req_id, *fields))
+        return req_id
+
+    def release(self, ref: m.ClientRef) -> None:
+        self._releases.append(ref)  # deque.append is atomic: safe from __del__ in any thread
+
+    @property
+    def pending_releases(self) -> int:
+        return len(self._releases)
+
+    @property
+    def pending_commands(self) -> int:
+        return len(self._outbox)
+
+    def data_to_send(self) -> Chunks:
+        refs = []
+        while self._releases:
+            refs.append(self._releases.popleft())
+        items, self._outbox = self._outbox, []
+        if refs:
+            items.append(m.Release(tuple(refs)))
+        return wire.encode(items) if items else []
+
+    def receive_data(self, data: bytes) -> list:
+        items = wire.decode(data)
+        for item in items:
+            if not isinstance(item, (m.Reply, m.Failure)):
+                raise ProtocolError(f"unexpected {type(item).__name__} from the worker")
+        return items
+
+
+class ServerProtocol:
+    """The worker's end: validates the handshake, decodes command batches, encodes replies."""
+
+    _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync)
+
+    def receive_hello(self, data: bytes) -> m.Hello:
+        items = wire.decode(data)
+        if len(items) != 1 or not isinstance(items[0], m.Hello):
+            raise ProtocolError("a connection must start with Hello")
+        hello = items[0]
+        if hello.version != m.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {hello.version} is not supported "
+                                f"(this worker speaks {m.PROTOCOL_VERSION})")
+        return hello
+
+    @staticmethod
+    def welcome(worker_id: str, client_id: str) -> Chunks:
+        return wire.encode([m.Welcome(m.PROTOCOL_VERSION, worker_id, client_id)])
+
+    @staticmethod
+    def refuse(exc: BaseException) -> Chunks:
+        return wire.encode([m.Failure(None, None, to_info(exc))])
+
+    def receive_data(self, data: bytes) -> list:
+        items = wire.decode(data)
+        for item in items:
+            if not isinstance(item, self._COMMANDS):
+                raise ProtocolError(f"unexpected {type(item).__name__} from a client")
+        return items
+
+    @staticmethod
+    def send(items: list) -> Chunks:
+        return wire.encode(items)
+

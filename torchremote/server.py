@@ -1,0 +1,203 @@
+"""The worker: the websocket adapter that runs each client's `Session` against one `ObjectStore`.
+
+Each connection is served on its own thread (websockets' threading server), so a slow op of one
+client does not stall the others, and torch kernels release the GIL while they run.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import itertools
+import logging
+import signal
+import threading
+from typing import Any, Iterable
+
+import torch
+import websockets
+from websockets.sync.server import ServerConnection, serve
+
+from . import messages as m
+from ._transport import WEBSOCKET_OPTIONS, send_chunks
+from .errors import ProtocolError, WorkerPermissionError, to_info
+from .execution import Session
+from .protocol import ServerProtocol
+from .store import ObjectStore, ObjectTable, object_id
+from . import wire
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WorkerServer:
+    """A running worker. Create with `torchremote.start_worker(...)`; it serves from a thread."""
+
+    def __init__(self, id: str = "worker", host: str = "127.0.0.1", port: int = 0, *,
+                 token: str | None = None, device: str | torch.device = "cpu",
+                 max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES, insecure: bool = False,
+                 verbose: bool = False, log_file: str | None = None) -> None:
+        if token is None and not is_loopback(host) and not insecure:
+            raise WorkerPermissionError(
+                f"refusing to listen on {host} without a token: anyone who can reach it could use "
+                f"this machine. Give a token (--token-file or $TORCHREMOTE_TOKEN) or --insecure")
+        self.id = id
+        self.device = torch.device(device)
+        self._token = token.encode() if token is not None else None
+        self.store = ObjectStore(owner=id)
+        self.log = _make_logger(id, verbose, log_file)
+        self._client_numbers = itertools.count(1)
+        self._connections: set[ServerConnection] = set()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._server = serve(self._handle, host, port, max_size=max_message_bytes, **WEBSOCKET_OPTIONS)
+        self.host = host
+        self.port: int = self._server.socket.getsockname()[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"torchremote-worker-{id}",
+                                        daemon=True)
+        self._thread.start()
+        self.log.info("worker %r listening on %s", id, self.url)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    def publish(self, tensor: torch.Tensor, tags: Iterable[str] = (), description: str = "",
+                allow_get: bool = True) -> str:
+        """Offer `tensor` to clients, findable by its tags. Returns its object id."""
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"publish() takes a torch.Tensor, not {type(tensor).__qualname__}")
+        if isinstance(tags, str):
+            tags = (tags,)
+        ref = self.store.publish(tensor.detach().to(self.device), tuple(tags), description, allow_get)
+        self.log.info("published %s %s %s", object_id(ref), tuple(tensor.shape), list(tags))
+        return object_id(ref)
+
+    def objects(self) -> ObjectTable:
+        """The whole registry: published data and every connected client's objects."""
+        return ObjectTable(self.store.rows())
+
+    def serve_forever(self) -> None:
+        """Block until Ctrl-C, SIGTERM or `stop()`, then shut down cleanly."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, lambda *_: self._stopped.set())
+        try:
+            while not self._stopped.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop listening, close every connection, free every client's objects."""
+        self._stopped.set()
+        self._server.shutdown()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.close()
+        self._thread.join(timeout=5)
+        self.log.info("worker %r stopped", self.id)
+
+    def __enter__(self) -> "WorkerServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"WorkerServer(id={self.id!r}, url={self.url!r}, device={self.device})"
+
+    # --- one connection ---
+    def _handle(self, conn: ServerConnection) -> None:
+        address = conn.remote_address
+        peer = f"{address[0]}:{address[1]}" if address else "?"
+        protocol = ServerProtocol()
+        try:
+            hello = protocol.receive_hello(conn.recv(timeout=m.HANDSHAKE_TIMEOUT_S))
+            if self._token is not None and not hmac.compare_digest(
+                    (hello.token or "").encode(), self._token):
+                raise WorkerPermissionError("authentication failed: wrong or missing token")
+        except (ProtocolError, WorkerPermissionError, TimeoutError) as e:
+            self.log.warning("%s refused: %s", peer, e)
+            _try_send(conn, protocol.refuse(e))
+            return
+        except websockets.ConnectionClosed:
+            return
+        client_id = f"{hello.client_name}#{next(self._client_numbers)}"
+        session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log)
+        with self._lock:
+            self._connections.add(conn)
+        self.log.info("%s connected as %s", peer, client_id)
+        try:
+            send_chunks(conn, protocol.welcome(self.id, client_id))
+            for data in conn:
+                try:
+                    replies = session.run(protocol.receive_data(data))
+                except ProtocolError as e:
+                    self.log.warning("%s %s: %s", peer, client_id, e)
+                    replies = [m.Failure(None, None, to_info(e))]
+                if replies:
+                    send_chunks(conn, _encode_replies(protocol, replies))
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            freed = session.close()
+            self.log.info("%s %s disconnected; freed %d object(s)", peer, client_id, freed)
+
+
+def _encode_replies(protocol: ServerProtocol, replies: list) -> list:
+    try:
+        return protocol.send(replies)
+    except wire.EncodeError:  # one unsendable value must not lose the other replies
+        safe = []
+        for r in replies:
+            try:
+                wire.encode([r])
+                safe.append(r)
+            except wire.EncodeError as e:
+                safe.append(m.Failure(r.req_id, None, to_info(TypeError(str(e)))))
+        return protocol.send(safe)
+
+
+def _try_send(conn: ServerConnection, chunks: list) -> None:
+    try:
+        send_chunks(conn, chunks)
+        conn.close()
+    except Exception:
+        pass
+
+
+def _make_logger(worker_id: str, verbose: bool, log_file: str | None) -> logging.Logger:
+    log = logging.getLogger(f"torchremote.worker.{worker_id}")
+    if verbose or log_file:
+        log.setLevel(logging.INFO)
+        formatter = logging.Formatter(LOG_FORMAT)
+        if verbose:
+            handler: logging.Handler = logging.StreamHandler()
+            handler.setFormatter(formatter)
+            log.addHandler(handler)
+        if log_file:
+            handler = logging.FileHandler(log_file)
+            handler.setFormatter(formatter)
+            log.addHandler(handler)
+    return log
+
+
+def start_worker(id: str = "worker", host: str = "127.0.0.1", port: int = 0, **options: Any) -> WorkerServer:
+    """Start a worker serving from a background thread; returns at once. Port 0 picks a free port."""
+    return WorkerServer(id, host, port, **options)

@@ -1,0 +1,81 @@
+"""The few torch calls a RemoteTensor answers differently from the generic dispatch path."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .device import BACKEND
+from .dispatch import remote_call
+from .ops import implements
+from .tensor import RemoteTensor
+
+_T = torch.Tensor
+
+
+@implements(_T.device.__get__)
+def _device(func: Any, args: tuple, kwargs: dict) -> torch.device:
+    return args[0]._worker.device
+
+
+@implements(_T.is_meta.__get__)
+def _is_meta(func: Any, args: tuple, kwargs: dict) -> bool:
+    return False
+
+
+@implements(_T.get_device)
+def _get_device(func: Any, args: tuple, kwargs: dict) -> int:
+    return args[0]._worker.device.index
+
+
+@implements(_T.__hash__)
+def _hash(func: Any, args: tuple, kwargs: dict) -> int:
+    return id(args[0])
+
+
+@implements(_T.__iter__)
+def _iter(func: Any, args: tuple, kwargs: dict) -> Any:
+    x = args[0]
+    if x._meta.dim() == 0:
+        raise TypeError("iteration over a 0-d tensor")
+    return iter(x.unbind(0))
+
+
+@implements(_T.numpy, _T.__array__)
+def _numpy(func: Any, args: tuple, kwargs: dict) -> Any:
+    local = args[0].get()
+    return func(local, *args[1:], **kwargs)
+
+
+@implements(_T.cpu)
+def _cpu(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0].get()
+
+
+@implements(_T.to)
+def _to(func: Any, args: tuple, kwargs: dict) -> Any:
+    x = args[0]
+    device, *_ = torch._C._nn._parse_to(*args[1:], **kwargs)
+    if device is None or device == x._worker.device:
+        return remote_call(func, args, kwargs)
+    if device.type == BACKEND:
+        raise RuntimeError(f"tensor lives on worker {x._worker.id!r} ({x._worker.device}), not on "
+                           f"{device}; its data would pass through this process: .get() it first")
+    return x.get().to(*args[1:], **kwargs)  # to a local device: fetch
+
+
+@implements(_T.__deepcopy__)
+def _deepcopy(func: Any, args: tuple, kwargs: dict) -> RemoteTensor:
+    x, memo = args[0], args[1] if len(args) > 1 else kwargs.get("memo")
+    if memo is not None and id(x) in memo:
+        return memo[id(x)]
+    copy = x.clone()
+    if memo is not None:
+        memo[id(x)] = copy
+    return copy
+
+
+@implements(_T.__setstate__)
+def _setstate(func: Any, args: tuple, kwargs: dict) -> Any:
+    raise TypeError("a RemoteTensor cannot be unpickled")
+

@@ -1,0 +1,107 @@
+"""The worker's objects: data its owner published (with tags) and each client's own namespace.
+
+A client can name only its own objects and published ones; ids of other clients' objects mean
+nothing in its namespace. Published data belongs to the owner: no client frees it.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import messages as m
+
+
+@dataclass(frozen=True)
+class Published:
+    tensor: torch.Tensor
+    tags: tuple[str, ...]
+    description: str
+    allow_get: bool
+
+
+def object_id(ref: m.Ref) -> str:
+    """The display id of a reference: '7' (op 7), '7.1' (its second output), 'p3' (published)."""
+    if isinstance(ref, m.PublishedRef):
+        return f"p{ref.pub_id}"
+    return str(ref.op_id) if ref.index == 0 else f"{ref.op_id}.{ref.index}"
+
+
+class ObjectStore:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._lock = threading.Lock()
+        self._published: dict[int, Published] = {}
+        self._namespaces: dict[str, dict[m.ClientRef, torch.Tensor]] = {}
+        self._next_pub = 1
+
+    # --- published data ---
+    def publish(self, tensor: torch.Tensor, tags: tuple[str, ...], description: str,
+                allow_get: bool) -> m.PublishedRef:
+        with self._lock:
+            pub_id, self._next_pub = self._next_pub, self._next_pub + 1
+            self._published[pub_id] = Published(tensor, tags, description, allow_get)
+        return m.PublishedRef(pub_id)
+
+    def published(self, ref: m.PublishedRef) -> Published:
+        try:
+            return self._published[ref.pub_id]
+        except KeyError:
+            raise LookupError(f"no published object {object_id(ref)} on this worker") from None
+
+    def search(self, tags: tuple[str, ...]) -> list[m.PublishedInfo]:
+        wanted = set(tags)
+        with self._lock:
+            hits = [(i, p) for i, p in self._published.items() if wanted <= set(p.tags)]
+        return [m.PublishedInfo(m.PublishedRef(i), m.TensorMeta.of(p.tensor), p.tags, p.description)
+                for i, p in hits]
+
+    # --- client namespaces ---
+    def open_namespace(self, client_id: str) -> dict[m.ClientRef, torch.Tensor]:
+        with self._lock:
+            return self._namespaces.setdefault(client_id, {})
+
+    def close_namespace(self, client_id: str) -> int:
+        """Forget everything a client created; returns how many objects were freed."""
+        with self._lock:
+            namespace = self._namespaces.pop(client_id, {})
+        count = len(namespace)
+        namespace.clear()
+        return count
+
+    def clients(self) -> list[str]:
+        with self._lock:
+            return list(self._namespaces)
+
+    # --- the registry ---
+    def rows(self, client_id: str | None = None) -> list[m.ObjectInfo]:
+        """What `client_id` may see (published data and its own objects); everything if None."""
+        with self._lock:
+            published = list(self._published.items())
+            namespaces = [(c, list(ns.items())) for c, ns in self._namespaces.items()
+                          if client_id is None or c == client_id]
+        rows = [_row(object_id(m.PublishedRef(i)), self.owner, p.tensor, p.tags, p.description)
+                for i, p in published]
+        for owner, items in namespaces:
+            rows.extend(_row(object_id(ref), owner, t) for ref, t in items)
+        return rows
+
+
+def _row(oid: str, owner: str, t: torch.Tensor, tags: tuple[str, ...] = (), description: str = "") -> m.ObjectInfo:
+    return m.ObjectInfo(oid, owner, tuple(t.shape), t.dtype, t.numel() * t.element_size(), tags, description)
+
+
+class ObjectTable(list):
+    """A list of `ObjectInfo` rows that prints as a table."""
+
+    def __str__(self) -> str:
+        header = ("id", "owner", "tags", "shape", "dtype", "bytes", "description")
+        lines = [header] + [
+            (r.id, r.owner, " ".join(r.tags), str(tuple(r.shape)), str(r.dtype).removeprefix("torch."),
+             str(r.nbytes), r.description) for r in self]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+    def __repr__(self) -> str:
+        return str(self)

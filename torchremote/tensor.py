@@ -1,0 +1,119 @@
+"""`RemoteTensor`: a torch.Tensor that holds no data, only a pointer to a tensor on a worker.
+
+It is a wrapper subclass on the `remote:i` device with a meta-device stand-in beside it: metadata
+(shape, dtype, strides, requires_grad) is real and answered locally, and anything that slipped past
+interception would fail loudly on meta rather than read garbage. Every torch call on it goes to
+`dispatch.dispatch`. When the last local reference dies, the worker is told to free the object.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import messages as m
+from .store import object_id
+
+if TYPE_CHECKING:
+    from .client import Worker
+
+
+class RemoteTensor(torch.Tensor):
+    __slots__ = ("_meta", "_worker", "_ref", "_published")
+
+    _meta: torch.Tensor
+    _worker: "Worker"
+    _ref: m.Ref
+    _published: m.PublishedInfo | None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "RemoteTensor":
+        raise TypeError("RemoteTensors come from tensor.send(worker), worker.search(tag) or ops on them")
+
+    @classmethod
+    def _wrap(cls, meta: torch.Tensor, worker: "Worker", ref: m.Ref,
+              published: m.PublishedInfo | None = None) -> "RemoteTensor":
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
+            dtype=meta.dtype, device=worker.device, requires_grad=False)
+        r._meta, r._worker, r._ref, r._published = meta, worker, ref, published
+        return r
+
+    # --- pointer API ---
+    @property
+    def worker(self) -> "Worker":
+        """The worker that holds this tensor's data."""
+        return self._worker
+
+    @property
+    def id(self) -> str:
+        """The object's id on its worker, as `worker.objects()` lists it."""
+        return object_id(self._ref)
+
+    def get(self) -> torch.Tensor:
+        """A local copy of the data. The pointer stays valid; the worker keeps its object."""
+        return self._worker._fetch(self._ref)
+
+    def send(self, worker: "Worker") -> "RemoteTensor":
+        if worker is self._worker:
+            return self
+        raise RuntimeError(
+            f"this tensor lives on worker {self._worker.id!r}; sending it on to {worker.id!r} "
+            f"would route its data through this process: use .get() first")
+
+    def numpy(self, *, force: bool = False) -> Any:
+        """Fetches the data (like `get()`) and returns it as a NumPy array."""
+        return self.get().numpy(force=force)
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        meta = self._meta
+        parts = [f"id={self.id}", f"worker={self._worker.id!r}", f"shape={tuple(meta.shape)}",
+                 f"dtype={meta.dtype}"]
+        if meta.requires_grad:
+            parts.append("requires_grad=True")
+        if self._published is not None and self._published.tags:
+            parts.append(f"tags={list(self._published.tags)}")
+        return f"RemoteTensor({', '.join(parts)})"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        if spec and self._meta.dim() == 0:
+            return format(self.item(), spec)  # what torch does for 0-dim tensors: fetches one value
+        return format(repr(self), spec)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a RemoteTensor cannot be pickled: its data lives on a worker; "
+                        "pickle x.get() instead")
+
+    def __del__(self) -> None:
+        ref = getattr(self, "_ref", None)
+        if type(ref) is m.ClientRef:
+            self._worker._release(ref)
+
+    # --- interception ---
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return dispatch(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return dispatch(func, args, kwargs or {})
+
+
+def send(tensor: torch.Tensor, worker: "Worker") -> RemoteTensor:
+    """Copy a local tensor to `worker`; returns the pointer. Also available as `tensor.send(worker)`."""
+    if isinstance(tensor, RemoteTensor):
+        return tensor.send(worker)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"send() takes a torch.Tensor, not {type(tensor).__qualname__}")
+    return worker._put(tensor)
+
+
+def get(tensor: torch.Tensor) -> torch.Tensor:
+    """The local data of a RemoteTensor (a plain tensor is returned as is)."""
+    return tensor.get() if isinstance(tensor, RemoteTensor) else tensor
+
+
+torch.Tensor.send = send  # an added method; torch's own functions stay untouched
+
+from .dispatch import dispatch  # noqa: E402  (dispatch needs RemoteTensor)
