@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="torchremote",
+    version="0.1.0",
+    description="Compute on tensors that live on another machine, with the PyTorch code you have",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["torchremote", "torchremote.*"]),
+    python_requires=">=3.11",
+    install_requires=["torch>=2.4", "websockets>=13", "msgpack>=1.0"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "psutil>=5.9"],
+        "bench": ["matplotlib>=3.7", "psutil>=5.9"],
+    },
+    entry_points={"console_scripts": ["torchremote=torchremote.cli:main"]},
+)

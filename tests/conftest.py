@@ -1,0 +1,87 @@
+"""Fixtures: real workers on 127.0.0.1, in a thread (fast) or a separate process (isolation)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchremote as tr
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One in-process worker shared by the tests that only need a place to compute."""
+    s = tr.start_worker(id="bob", host="127.0.0.1", port=0)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def bob(server):
+    w = tr.connect(server.url, name="test")
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def fresh_server():
+    """A worker of the test's own, for tests that inspect or break the worker."""
+    s = tr.start_worker(id="fresh", host="127.0.0.1", port=0)
+    yield s
+    s.stop()
+
+
+class WorkerProcess:
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torchremote", "worker", "--host", "127.0.0.1", "--port", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url.startswith("ws://"):
+            self.proc.kill()
+            raise RuntimeError(f"worker did not start: {self.url!r} {self.proc.stderr.read()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def worker_process():
+    """Start `torchremote worker` processes (through the CLI); all are killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, env: dict | None = None) -> WorkerProcess:
+        started.append(WorkerProcess(*args, env=env))
+        return started[-1]
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor's elements, for bit-exact comparison (NaNs included)."""
+    t = t.detach().resolve_conj().resolve_neg()
+    dense = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
+    return dense.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)

@@ -1,0 +1,62 @@
+"""`torchremote worker ...`: run a worker as its own process.
+
+The first line on stdout is the worker's URL (so scripts can read it); logs go to stderr and, with
+--log-file, to a file. Ctrl-C or SIGTERM shut it down cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import TorchRemoteError
+from .server import start_worker
+
+
+def _read_token(path: str | None) -> str | None:
+    if path:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise SystemExit(f"torchremote: the token file {path} is empty")
+        return token
+    return os.environ.get("TORCHREMOTE_TOKEN") or None
+
+
+def _worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        server = start_worker(args.id, args.host, args.port, token=_read_token(args.token_file),
+                              device=args.device, insecure=args.insecure, verbose=args.verbose,
+                              log_file=args.log_file)
+    except (TorchRemoteError, OSError) as e:
+        print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
+        return 1
+    print(server.url, flush=True)
+    server.serve_forever()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="torchremote", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    w = commands.add_parser("worker", help="serve tensors to clients over websockets")
+    w.add_argument("--id", default="worker", help="the worker's name, shown to clients (default: worker)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    w.add_argument("--port", type=int, default=3000, help="port to listen on; 0 picks a free one")
+    w.add_argument("--token-file", help="file holding the shared token clients must present "
+                                        "(default: $TORCHREMOTE_TOKEN)")
+    w.add_argument("--device", default="cpu", help="where the worker keeps tensors (default: cpu)")
+    w.add_argument("--log-file", help="also write the log to this file")
+    w.add_argument("--verbose", action="store_true", help="log every command with the peer's address")
+    w.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without a token")
+    w.set_defaults(run=_worker)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
