@@ -50,12 +50,19 @@ def name_of(func: Callable) -> str | None:
     if name is not None:
         return name
     if isinstance(func, torch._ops.OpOverload):
-        ns = func.namespace
-        return f"{ns}.{func._opname}.{func._overloadname}" if ns in _ATEN_NAMESPACES else None
-    descriptor = getattr(func, "__self__", None)
-    if isinstance(descriptor, _GETSET) and descriptor.__objclass__ is _TensorBase:
-        return f"torch.Tensor.{descriptor.__name__}.{func.__name__}"
-    return None
+        name = f"{func.namespace}.{func._opname}.{func._overloadname}"
+    else:
+        descriptor = getattr(func, "__self__", None)
+        if isinstance(descriptor, _GETSET) and descriptor.__objclass__ is _TensorBase:
+            name = f"torch.Tensor.{descriptor.__name__}.{func.__name__}"
+    return name if name is not None and resolve_or_none(name) is not None else None
+
+
+def resolve_or_none(name: str) -> Callable | None:
+    try:
+        return resolve(name)
+    except WorkerPermissionError:
+        return None
 
 
 def resolve(name: str) -> Callable:
