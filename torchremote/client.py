@@ -43,8 +43,9 @@ class Worker:
         self._closed: WorkerConnectionError | None = None
         self._wake = threading.Event()
         try:
+            # entered as a context manager (closed in close()): the form websockets 13-17 all accept
             self._ws = ws_connect(url, open_timeout=timeout, max_size=max_message_bytes, proxy=None,
-                                  **WEBSOCKET_OPTIONS)
+                                  **WEBSOCKET_OPTIONS).__enter__()
         except Exception as e:
             raise WorkerConnectionError(f"cannot connect to a worker at {url}: {e}") from e
         try:
