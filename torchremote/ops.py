@@ -26,10 +26,15 @@ _DENIED = re.compile(
 _ATEN_NAMESPACES = ("aten", "prims")
 
 
+# torch lists these as "ignored" by __torch_function__, yet tensor arguments route them through it.
+# (The rest of that list - set_default_dtype, manual_seed, ... - changes global state: not allowed.)
+_INTERCEPTED_BUT_UNLISTED = (torch.normal, torch.rand_like, torch.randn_like, torch.randint_like)
+
+
 def _build_tables() -> tuple[dict[Any, str], dict[str, Callable]]:
     name_of: dict[Any, str] = {}
     by_name: dict[str, Callable] = {}
-    for funcs in get_overridable_functions().values():
+    for funcs in [*get_overridable_functions().values(), _INTERCEPTED_BUT_UNLISTED]:
         for f in funcs:
             name = resolve_name(f)
             if name and not _DENIED.search(name):
