@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import messages as m
-from . import inference, ops
+from . import inference, ops, wire
 from .tensor import RemoteTensor
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
                 raise RuntimeError(f"{name}: a meta tensor has no data to send to worker {worker.id!r}")
             metas.append(_meta_like(a))
         else:
+            wire.check_sendable(a)  # before anything is queued: a bad argument fails alone
             metas.append(a)
     plan = inference.plan(func, name, metas, spec)
     if plan is None:

@@ -194,6 +194,33 @@ class _Encoder:
         return len(self.table) - 1
 
 
+_SENDABLE = (type(None), bool, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
+             torch.memory_format, torch.layout, torch.Tensor, m.ClientRef, m.PublishedRef, type(Ellipsis))
+
+
+def check_sendable(value: Any) -> None:
+    """Raise `EncodeError` now for a flattened argument the wire could not carry later."""
+    if isinstance(value, _SENDABLE):
+        return
+    if isinstance(value, int):
+        if not -2**63 <= value < 2**64:
+            raise EncodeError(f"torchremote cannot send the integer {value}: it does not fit in 64 bits")
+        return
+    if type(value) is slice:
+        for part in (value.start, value.stop, value.step):
+            check_sendable(part)
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_sendable(v)
+        return
+    if isinstance(value, dict) and all(type(k) is str for k in value):
+        for v in value.values():
+            check_sendable(v)
+        return
+    raise EncodeError(f"torchremote cannot send a value of type {type(value).__qualname__}")
+
+
 def encode(items: list) -> list[bytes | memoryview]:
     """Encode a batch as the chunks of one frame (send them as one message, in order)."""
     enc = _Encoder()
