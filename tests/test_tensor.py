@@ -156,3 +156,15 @@ def test_random_ops_use_the_worker_rng(bob):
     assert a.equal(torch.rand(4)) and a.equal(b)
     torch.manual_seed(7)
     assert c.equal(torch.normal(torch.zeros(4), 1.0))
+
+
+def test_works_inside_a_running_event_loop(server):
+    """As in Jupyter: an asyncio loop already runs on the caller's thread."""
+    import asyncio
+
+    async def notebook_cell():
+        with tr.connect(server.url) as w:
+            x = torch.tensor([1., 2, 3]).send(w)
+            return torch.add(x, x).relu().sum().item(), w.search("#nothing")
+
+    assert asyncio.run(notebook_cell()) == (12.0, [])
