@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torchremote as tr
-from conftest import ROOT, wait_until
+from conftest import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 

@@ -49,6 +49,7 @@ def test_sync_call_replies_metadata_and_same_as_for_in_place(pair):
     op3 = pair.client.call("torch.Tensor.sum", (x,), {}, reply=True, grad_enabled=True)
     op4 = pair.client.call("torch.Tensor.item", (m.ClientRef(op3, 0),), {}, reply=True, grad_enabled=True)
     r1, r2, r3, r4 = pair.roundtrip()
+    assert [r.req_id for r in (r1, r2, r3, r4)] == [op, op2, op3, op4]
     assert r1.value == m.SameAs(x)
     assert type(r2.value) is torch.return_types.max
     assert r2.value.values == m.TensorMeta((2,), (1,), 0, torch.float32, False)
@@ -99,6 +100,7 @@ def test_published_data_search_and_registry(pair):
     s2 = pair.client.request(m.Search, ("#X", "#nope"))
     lo = pair.client.request(m.ListObjects)
     r1, r2, r3 = pair.roundtrip()
+    assert [r.req_id for r in (r1, r2, r3)] == [s, s2, lo]
     (hit,) = r1.value
     assert hit.tags == ("#X", "#train") and hit.meta.shape == (3,) and r2.value == []
     assert [row.id for row in r3.value] == ["p1", "p2"]
@@ -106,7 +108,7 @@ def test_published_data_search_and_registry(pair):
     op = pair.client.call("torch.Tensor.sum", (hit.ref,), {}, reply=True, grad_enabled=True)
     refused, summed = pair.roundtrip()
     assert refused.req_id == fetch and "allow_get=False" in refused.error.message
-    assert summed.value.shape == ()
+    assert summed.req_id == op and summed.value.shape == ()
 
 
 def test_server_rejects_frames_that_are_not_commands(pair):

@@ -5,7 +5,7 @@
     x = torch.tensor([1., 2, 3]).send(bob)               # a RemoteTensor: a pointer, no data
     (x * 2).sum().item()                                 # runs on bob -> 12.0
 """
-from . import device as _device  # registers the `remote` device before anything else
+from . import device as _device  # noqa: F401  (registers the `remote` device first)
 from .client import Worker, connect
 from .errors import (ProtocolError, RemoteError, TorchRemoteError, WorkerConnectionError,
                      WorkerPermissionError)

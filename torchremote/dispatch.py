@@ -37,9 +37,9 @@ def _unflatten(flat: list, spec: Any) -> tuple[tuple, dict]:
 
 
 def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
-    special = ops.SPECIAL.get(func)
-    if special is not None:
-        return special(func, args, kwargs)
+    handler = ops.SPECIAL.get(func)
+    if handler is not None:
+        return handler(func, args, kwargs)
     flat, spec = _flatten(args, kwargs)
     if func in ops.LOCAL_QUERIES:
         margs, mkwargs = _unflatten([_stand_in(a) for a in flat], spec)

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import messages as m
 from . import ops
+from .device import BACKEND as _REMOTE
 from .errors import WorkerPermissionError, to_info
 from .store import ObjectStore, object_id
 
@@ -158,9 +159,6 @@ class Session:
 
     def _sync(self, cmd: m.Sync, out: list) -> None:
         out.append(m.Reply(cmd.req_id, None))
-
-
-_REMOTE = "remote"  # the device type name RemoteTensors carry (see device.py)
 
 
 def _describe_result(result: Any, inputs: dict[int, m.Ref]) -> Any:

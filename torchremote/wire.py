@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import struct
 from dataclasses import fields
-from typing import Any, Iterable
+from typing import Any
 
 import msgpack
 import torch
@@ -425,14 +425,3 @@ def decode(data: bytes | bytearray | memoryview) -> list:
         raise _fail("a frame must hold a list of messages")
     return items
 
-
-def iter_tensors(value: Any) -> Iterable[torch.Tensor]:
-    """Every tensor inside a decoded value (lists, tuples, dicts)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from iter_tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from iter_tensors(v)
