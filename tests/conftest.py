@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests run 60 examples each; HYPOTHESIS_PROFILE=thorough runs 500. Failures print the
+# falsifying example and a seed (rerun with --hypothesis-seed=N).
+settings.register_profile("default", max_examples=60, deadline=None)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 import torchremote as tr
 

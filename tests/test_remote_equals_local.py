@@ -86,7 +86,7 @@ def broadcastable_pair(draw):
     return a, b.to(a.dtype) if draw(st.booleans()) else b
 
 
-COMMON = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+COMMON = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # examples: conftest profile
 
 
 @COMMON
