@@ -17,7 +17,7 @@ class Pair:
         self.store = ObjectStore("bob")
         hello = self.server.receive_hello(b"".join(self.client.hello()))
         assert hello.client_name == "t"
-        self.client.receive_welcome(b"".join(self.server.welcome("bob", "t#1")))
+        self.client.receive_welcome(b"".join(self.server.welcome("bob", "t#1", 1 << 20)))
         self.session = Session(self.store, "t#1")
 
     def roundtrip(self) -> list:

@@ -11,6 +11,7 @@ import os
 import sys
 
 from .errors import TorchRemoteError
+from .messages import DEFAULT_MAX_MESSAGE_BYTES
 from .server import start_worker
 
 
@@ -30,8 +31,10 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         server = start_worker(args.id, args.host, args.port, token=_read_token(args.token_file),
                               device=args.device, insecure=args.insecure, verbose=args.verbose,
-                              log_file=args.log_file)
-    except (TorchRemoteError, OSError) as e:
+                              log_file=args.log_file, certfile=args.certfile, keyfile=args.keyfile,
+                              max_message_bytes=args.max_message_bytes,
+                              max_client_bytes=args.max_client_bytes)
+    except (TorchRemoteError, OSError, ValueError) as e:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
         return 1
     print(server.url, flush=True)
@@ -48,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--port", type=int, default=3000, help="port to listen on; 0 picks a free one")
     w.add_argument("--token-file", help="file holding the shared token clients must present "
                                         "(default: $TORCHREMOTE_TOKEN)")
+    w.add_argument("--certfile", help="serve wss:// (TLS) with this certificate chain (PEM)")
+    w.add_argument("--keyfile", help="the certificate's private key, if not in --certfile")
+    w.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help="largest message a client may send (default: %(default)s)")
+    w.add_argument("--max-client-bytes", type=int, default=None,
+                   help="most tensor memory one client may hold on this worker (default: no limit)")
     w.add_argument("--device", default="cpu", help="where the worker keeps tensors (default: cpu)")
     w.add_argument("--log-file", help="also write the log to this file")
     w.add_argument("--verbose", action="store_true", help="log every command with the peer's address")

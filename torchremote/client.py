@@ -8,7 +8,9 @@ thread matches by id. No asyncio loop is used, so a Worker works where one alrea
 from __future__ import annotations
 
 import os
+import ssl as ssl_module
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -19,13 +21,14 @@ from websockets.sync.client import connect as ws_connect
 from . import device as devices
 from . import messages as m
 from ._transport import WEBSOCKET_OPTIONS, send_chunks
-from .errors import TorchRemoteError, WorkerConnectionError, from_info
+from .errors import TorchRemoteError, WorkerConnectionError, WorkerPermissionError, from_info
 from .protocol import ClientProtocol
 from .store import ObjectTable
 from .tensor import RemoteTensor
 from . import wire
 
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
+FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
 RELEASE_POLL_S = 0.05        # how often released pointers are sent when nothing else is
 
 
@@ -33,7 +36,9 @@ class Worker:
     """A connection to a torchremote worker. Create with `torchremote.connect(url)`."""
 
     def __init__(self, url: str, *, token: str | None = None, name: str | None = None,
-                 timeout: float = 10.0, max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 timeout: float = 10.0, retry_for: float = 0.0,
+                 ssl: ssl_module.SSLContext | None = None,
+                 max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.url = url
         token = token if token is not None else os.environ.get("TORCHREMOTE_TOKEN")
         self._protocol = ClientProtocol(name or f"client-{os.getpid()}", token)
@@ -42,12 +47,8 @@ class Worker:
         self._deferred: list[m.Failure] = []
         self._closed: WorkerConnectionError | None = None
         self._wake = threading.Event()
-        try:
-            # entered as a context manager (closed in close()): the form websockets 13-17 all accept
-            self._ws = ws_connect(url, open_timeout=timeout, max_size=max_message_bytes, proxy=None,
-                                  **WEBSOCKET_OPTIONS).__enter__()
-        except Exception as e:
-            raise WorkerConnectionError(f"cannot connect to a worker at {url}: {e}") from e
+        self._ws = _open(url, timeout=timeout, retry_for=retry_for, ssl=ssl,
+                         max_size=max_message_bytes)
         try:
             send_chunks(self._ws, self._protocol.hello())
             welcome = self._protocol.receive_welcome(self._ws.recv(timeout=m.HANDSHAKE_TIMEOUT_S))
@@ -58,6 +59,7 @@ class Worker:
             self._ws.close()
             raise WorkerConnectionError(f"handshake with {url} failed: {e}") from e
         self.id: str = welcome.worker_id
+        self.max_message_bytes: int = welcome.max_message_bytes
         self.client_id: str = welcome.client_id
         self.device: torch.device = devices.register(self)
         self._reader = threading.Thread(target=self._read_loop, name=f"torchremote-read-{self.id}",
@@ -119,28 +121,33 @@ class Worker:
                                    dtype=tensor.dtype, device="meta")
         if tensor.requires_grad:
             meta.requires_grad_(True)
+        self._check_size(tensor.numel() * tensor.element_size(), "this tensor")
         with self._lock:
             self._check_open()
             ref = self._protocol.put(tensor.detach(), tensor.requires_grad)
             self._flush_locked()  # the bytes leave now: no snapshot copy, and `tensor` may change after
         return RemoteTensor._wrap(meta, self, ref)
 
-    def _call(self, op: str, args: tuple, kwargs: dict) -> int:
+    def _call(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> int:
+        self._check_size(nbytes, f"the local tensors of {op}")
         with self._lock:
             self._check_open()
+            self._make_room(nbytes)
             op_id = self._protocol.call(op, args, kwargs, reply=False,
-                                        grad_enabled=torch.is_grad_enabled())
+                                        grad_enabled=torch.is_grad_enabled(), nbytes=nbytes)
             if self._protocol.pending_commands >= MAX_QUEUED_COMMANDS:
                 self._flush_locked()
         if not self._wake.is_set():
             self._wake.set()
         return op_id
 
-    def _call_sync(self, op: str, args: tuple, kwargs: dict) -> tuple[int, Any]:
+    def _call_sync(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> tuple[int, Any]:
+        self._check_size(nbytes, f"the local tensors of {op}")
         with self._lock:
             self._check_open()
+            self._make_room(nbytes)
             op_id = self._protocol.call(op, args, kwargs, reply=True,
-                                        grad_enabled=torch.is_grad_enabled())
+                                        grad_enabled=torch.is_grad_enabled(), nbytes=nbytes)
             future = self._pending[op_id] = Future()
             self._flush_locked()
         return op_id, self._wait(future, op)
@@ -174,6 +181,17 @@ class Worker:
                          f"synchronisation since ({what}), and that op's results are invalid")
             raise exc
         return value
+
+    def _check_size(self, nbytes: int, what: str) -> None:
+        if nbytes + FRAME_OVERHEAD > self.max_message_bytes:
+            raise WorkerPermissionError(
+                f"{what} ({nbytes} bytes) would not fit in one message to worker {self.id!r}, which "
+                f"accepts at most {self.max_message_bytes} bytes (--max-message-bytes)")
+
+    def _make_room(self, nbytes: int) -> None:
+        """Send what is queued first if adding `nbytes` would make the frame too large."""
+        if nbytes and self._protocol.pending_bytes + nbytes + FRAME_OVERHEAD > self.max_message_bytes:
+            self._flush_locked()
 
     def _check_open(self) -> None:
         if self._closed is not None:
@@ -241,7 +259,38 @@ class Worker:
                 future.set_exception(WorkerConnectionError(str(self._closed)))
 
 
+def _open(url: str, *, timeout: float, retry_for: float, ssl: ssl_module.SSLContext | None,
+          max_size: int) -> Any:
+    """Open the websocket, retrying with back-off while nothing listens yet, for `retry_for` s."""
+    deadline = time.monotonic() + retry_for
+    delay = 0.1
+    options = dict(open_timeout=timeout, max_size=max_size, proxy=None, **WEBSOCKET_OPTIONS)
+    if ssl is not None:
+        options["ssl"] = ssl
+    while True:
+        try:
+            # entered as a context manager (closed in close()): the form websockets 13-17 all accept
+            return ws_connect(url, **options).__enter__()
+        except ssl_module.SSLError as e:  # a certificate problem does not go away by waiting
+            raise WorkerConnectionError(f"TLS with the worker at {url} failed: {e}") from e
+        except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
+            if time.monotonic() + delay > deadline:
+                waited = f" (retried for {retry_for:g} s)" if retry_for else ""
+                raise WorkerConnectionError(f"cannot connect to a worker at {url}{waited}: {e}") from e
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        except Exception as e:
+            raise WorkerConnectionError(f"cannot connect to a worker at {url}: {e}") from e
+
+
 def connect(url: str, token: str | None = None, *, name: str | None = None, timeout: float = 10.0,
+            retry_for: float = 0.0, ssl: ssl_module.SSLContext | None = None,
             max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES) -> Worker:
-    """Connect to the worker at `url` (ws://host:port). The token defaults to $TORCHREMOTE_TOKEN."""
-    return Worker(url, token=token, name=name, timeout=timeout, max_message_bytes=max_message_bytes)
+    """Connect to the worker at `url` (ws:// or wss://host:port).
+
+    `token` defaults to $TORCHREMOTE_TOKEN. `retry_for` keeps trying (with back-off) for that many
+    seconds while the worker is not up yet. `ssl` passes a context for wss:// (for example one that
+    trusts a self-signed certificate); certificates are verified by default.
+    """
+    return Worker(url, token=token, name=name, timeout=timeout, retry_for=retry_for, ssl=ssl,
+                  max_message_bytes=max_message_bytes)

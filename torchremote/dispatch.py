@@ -89,7 +89,7 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) -> Any:
-    metas = []
+    metas, nbytes = [], 0
     for a in flat:
         if isinstance(a, RemoteTensor):
             metas.append(a._meta)
@@ -97,12 +97,13 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
             if a.device.type == "meta":
                 raise RuntimeError(f"{name}: a meta tensor has no data to send to worker {worker.id!r}")
             metas.append(_meta_like(a))
+            nbytes += a.numel() * a.element_size()
         else:
             wire.check_sendable(a)  # before anything is queued: a bad argument fails alone
             metas.append(a)
     plan = inference.plan(func, name, metas, spec)
     if plan is None:
-        return _call_sync(worker, name, flat, spec)
+        return _call_sync(worker, name, flat, spec, nbytes)
     for kind, i in plan.leaves:
         if kind == inference.IN and not isinstance(flat[i], RemoteTensor):
             raise RuntimeError(f"{name} would write its result into a local tensor; the op runs on "
@@ -111,7 +112,7 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
     wire_args, wire_kwargs = _unflatten(
         [a._ref if isinstance(a, RemoteTensor) else a.detach().clone() if isinstance(a, torch.Tensor)
          else a for a in flat], spec)
-    op_id = worker._call(name, wire_args, wire_kwargs)
+    op_id = worker._call(name, wire_args, wire_kwargs, nbytes)
     results, k = [], 0
     for position, (kind, payload) in enumerate(plan.leaves):
         if kind == inference.VALUE:
@@ -127,9 +128,9 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
     return tree_unflatten(results, plan.spec)
 
 
-def _call_sync(worker: "Worker", name: str, flat: list, spec: Any) -> Any:
+def _call_sync(worker: "Worker", name: str, flat: list, spec: Any, nbytes: int) -> Any:
     args, kwargs = _unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
-    op_id, value = worker._call_sync(name, args, kwargs)
+    op_id, value = worker._call_sync(name, args, kwargs, nbytes)
     inputs = {a._ref: a for a in flat if isinstance(a, RemoteTensor)}
     leaves, out_spec = tree_flatten(value)
     results, k = [], 0

@@ -16,7 +16,7 @@ from . import messages as m
 from . import ops
 from .device import BACKEND as _REMOTE
 from .errors import WorkerPermissionError, to_info
-from .store import ObjectStore, object_id
+from .store import ObjectStore, object_id, storage_key
 
 _SENDABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
                     torch.memory_format, torch.layout, m.TensorMeta, m.SameAs, slice, type(Ellipsis))
@@ -33,7 +33,8 @@ class Session:
     """One client's view of a worker: its namespace, its failed ops, the device it computes on."""
 
     def __init__(self, store: ObjectStore, client_id: str, *, device: torch.device | str = "cpu",
-                 peer: str = "", log: logging.Logger | None = None) -> None:
+                 peer: str = "", log: logging.Logger | None = None,
+                 max_client_bytes: int | None = None) -> None:
         self.store = store
         self.client_id = client_id
         self.device = torch.device(device)
@@ -41,6 +42,9 @@ class Session:
         self.log = log or logging.getLogger("torchremote.worker")
         self.objects = store.open_namespace(client_id)
         self.failed: dict[int, m.ErrorInfo] = {}
+        self.max_client_bytes = max_client_bytes
+        self.held_bytes = 0  # memory behind this client's objects, each storage counted once
+        self._storages: dict[int, list[int]] = {}  # storage -> [bytes, objects using it]
         self._handlers: dict[type, Callable[[Any, list], None]] = {
             m.Put: self._put, m.Call: self._call, m.Fetch: self._fetch, m.Release: self._release,
             m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
@@ -62,7 +66,53 @@ class Session:
         return out
 
     def close(self) -> int:
+        self._storages.clear()
+        self.held_bytes = 0
         return self.store.close_namespace(self.client_id)
+
+    # --- what this client holds ---
+    def _new_bytes(self, tensors: list[torch.Tensor]) -> int:
+        seen, total = set(), 0
+        for t in tensors:
+            key = storage_key(t)
+            if key in self._storages or key in seen or key in self.store.published_storages:
+                continue
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return total
+
+    def _check_room(self, tensors: list[torch.Tensor], what: str) -> None:
+        if self.max_client_bytes is None:
+            return
+        new = self._new_bytes(tensors)
+        if new and self.held_bytes + new > self.max_client_bytes:
+            raise WorkerPermissionError(
+                f"{what} would make this client hold {self.held_bytes + new} bytes on the worker, over "
+                f"its limit of {self.max_client_bytes} bytes (--max-client-bytes); free some pointers")
+
+    def _hold(self, ref: m.ClientRef, t: torch.Tensor) -> None:
+        self._drop(ref)
+        self.objects[ref] = t
+        key = storage_key(t)
+        if key in self.store.published_storages:
+            return
+        entry = self._storages.get(key)
+        if entry is None:
+            entry = self._storages[key] = [t.untyped_storage().nbytes(), 0]
+            self.held_bytes += entry[0]
+        entry[1] += 1
+
+    def _drop(self, ref: m.ClientRef) -> None:
+        t = self.objects.pop(ref, None)
+        if t is None:
+            return
+        key = storage_key(t)
+        entry = self._storages.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._storages[key]
+                self.held_bytes -= entry[0]
 
     # --- resolving references ---
     def _tensor(self, ref: m.Ref) -> torch.Tensor:
@@ -91,10 +141,16 @@ class Session:
 
     # --- commands ---
     def _put(self, cmd: m.Put, out: list) -> None:
+        try:
+            self._check_room([cmd.tensor], "put")
+        except WorkerPermissionError as e:
+            self.failed[cmd.op_id] = info = to_info(e, op="send")
+            out.append(m.Failure(None, cmd.op_id, info))
+            return
         t = cmd.tensor.to(self.device)
         if cmd.requires_grad:
             t.requires_grad_(True)
-        self.objects[m.ClientRef(cmd.op_id, 0)] = t
+        self._hold(m.ClientRef(cmd.op_id, 0), t)
 
     def _call(self, cmd: m.Call, out: list) -> None:
         inputs: dict[int, m.Ref] = {}
@@ -105,6 +161,8 @@ class Session:
             kwargs = self._resolve(cmd.kwargs, inputs)
             with torch.set_grad_enabled(cmd.grad_enabled):
                 result = func(*args, **kwargs)
+            leaves = [leaf for leaf in tree_flatten(result)[0] if isinstance(leaf, torch.Tensor)]
+            self._check_room(leaves, cmd.op)
         except _Poisoned as p:  # reported where it happened; only answer if asked
             self.failed[cmd.op_id] = p.info
             if cmd.reply:
@@ -118,12 +176,8 @@ class Session:
                 self.log.debug("%s %s: op %s failed: %s", self.peer, self.client_id, cmd.op, e)
             out.append(m.Failure(req_id, cmd.op_id, info))
             return
-        leaves, _ = tree_flatten(result)
-        k = 0
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
-                self.objects[m.ClientRef(cmd.op_id, k)] = leaf
-                k += 1
+        for k, leaf in enumerate(leaves):
+            self._hold(m.ClientRef(cmd.op_id, k), leaf)
         if cmd.reply:
             try:
                 out.append(m.Reply(req_id, _describe_result(result, inputs)))
@@ -132,11 +186,12 @@ class Session:
 
     def _fetch(self, cmd: m.Fetch, out: list) -> None:
         try:
-            if isinstance(cmd.ref, m.PublishedRef) and not self.store.published(cmd.ref).allow_get:
+            t = self._tensor(cmd.ref)
+            if t.numel() and storage_key(t) in self.store.no_get_storages:
                 raise WorkerPermissionError(
-                    f"object {object_id(cmd.ref)} was published with allow_get=False: "
+                    f"object {object_id(cmd.ref)} is (a view of) data published with allow_get=False: "
                     f"compute on it, but its data never leaves the worker")
-            out.append(m.Reply(cmd.req_id, self._tensor(cmd.ref).detach()))
+            out.append(m.Reply(cmd.req_id, t.detach()))
         except _Poisoned as p:
             out.append(m.Failure(cmd.req_id, None, p.info))
         except Exception as e:
@@ -144,7 +199,7 @@ class Session:
 
     def _release(self, cmd: m.Release, out: list) -> None:
         for ref in cmd.refs:
-            self.objects.pop(ref, None)
+            self._drop(ref)
             self.failed.pop(ref.op_id, None)
 
     def _search(self, cmd: m.Search, out: list) -> None:

@@ -109,6 +109,7 @@ class Welcome:
     version: int
     worker_id: str
     client_id: str
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the largest frame this worker accepts
 
 
 # --- client -> worker ----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class ClientProtocol:
         self._token = token
         self._ids = itertools.count(1)
         self._outbox: list = []
+        self.pending_bytes = 0  # tensor bytes queued in the outbox
         self._releases: collections.deque[m.ClientRef] = collections.deque()
         self.welcome: m.Welcome | None = None
 
@@ -53,12 +54,15 @@ class ClientProtocol:
     def put(self, tensor: torch.Tensor, requires_grad: bool = False) -> m.ClientRef:
         op_id = self.next_id()
         self._outbox.append(m.Put(op_id, tensor, requires_grad))
+        self.pending_bytes += tensor.numel() * tensor.element_size()
         return m.ClientRef(op_id, 0)
 
-    def call(self, op: str, args: tuple, kwargs: dict, *, reply: bool, grad_enabled: bool) -> int:
-        """Queue op `op`; returns its id. Its k-th tensor output is `ClientRef(id, k)`."""
+    def call(self, op: str, args: tuple, kwargs: dict, *, reply: bool, grad_enabled: bool,
+             nbytes: int = 0) -> int:
+        """Queue op `op` (with `nbytes` of local tensors); returns its id. Output k is `ClientRef(id, k)`."""
         op_id = self.next_id()
         self._outbox.append(m.Call(op_id, op, args, kwargs, reply, grad_enabled))
+        self.pending_bytes += nbytes
         return op_id
 
     def request(self, kind: type, *fields: Any) -> int:
@@ -83,6 +87,7 @@ class ClientProtocol:
         while self._releases:
             refs.append(self._releases.popleft())
         items, self._outbox = self._outbox, []
+        self.pending_bytes = 0
         if refs:
             items.append(m.Release(tuple(refs)))
         return wire.encode(items) if items else []
@@ -111,8 +116,8 @@ class ServerProtocol:
         return hello
 
     @staticmethod
-    def welcome(worker_id: str, client_id: str) -> Chunks:
-        return wire.encode([m.Welcome(m.PROTOCOL_VERSION, worker_id, client_id)])
+    def welcome(worker_id: str, client_id: str, max_message_bytes: int) -> Chunks:
+        return wire.encode([m.Welcome(m.PROTOCOL_VERSION, worker_id, client_id, max_message_bytes)])
 
     @staticmethod
     def refuse(exc: BaseException) -> Chunks:

@@ -9,7 +9,9 @@ import hmac
 import ipaddress
 import itertools
 import logging
+import re
 import signal
+import ssl
 import threading
 from typing import Any, Iterable
 
@@ -42,8 +44,10 @@ class WorkerServer:
 
     def __init__(self, id: str = "worker", host: str = "127.0.0.1", port: int = 0, *,
                  token: str | None = None, device: str | torch.device = "cpu",
-                 max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES, insecure: bool = False,
-                 verbose: bool = False, log_file: str | None = None) -> None:
+                 max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES,
+                 max_client_bytes: int | None = None, certfile: str | None = None,
+                 keyfile: str | None = None, insecure: bool = False, verbose: bool = False,
+                 log_file: str | None = None) -> None:
         if token is None and not is_loopback(host) and not insecure:
             raise WorkerPermissionError(
                 f"refusing to listen on {host} without a token: anyone who can reach it could use "
@@ -51,13 +55,23 @@ class WorkerServer:
         self.id = id
         self.device = torch.device(device)
         self._token = token.encode() if token is not None else None
+        self.max_message_bytes = max_message_bytes
+        self.max_client_bytes = max_client_bytes
+        tls = None
+        if certfile:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(certfile, keyfile)
+        elif keyfile:
+            raise ValueError("--keyfile needs --certfile")
+        self.tls = tls is not None
         self.store = ObjectStore(owner=id)
         self.log = _make_logger(id, verbose, log_file)
         self._client_numbers = itertools.count(1)
         self._connections: set[ServerConnection] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._server = serve(self._handle, host, port, max_size=max_message_bytes, **WEBSOCKET_OPTIONS)
+        self._server = serve(self._handle, host, port, ssl=tls, max_size=max_message_bytes,
+                             **WEBSOCKET_OPTIONS)
         self.host = host
         self.port: int = self._server.socket.getsockname()[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"torchremote-worker-{id}",
@@ -68,7 +82,7 @@ class WorkerServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
 
     def publish(self, tensor: torch.Tensor, tags: Iterable[str] = (), description: str = "",
                 allow_get: bool = True) -> str:
@@ -136,13 +150,14 @@ class WorkerServer:
             return
         except websockets.ConnectionClosed:
             return
-        client_id = f"{hello.client_name}#{next(self._client_numbers)}"
-        session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log)
+        client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
+        session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
+                          max_client_bytes=self.max_client_bytes)
         with self._lock:
             self._connections.add(conn)
         self.log.info("%s connected as %s", peer, client_id)
         try:
-            send_chunks(conn, protocol.welcome(self.id, client_id))
+            send_chunks(conn, protocol.welcome(self.id, client_id, self.max_message_bytes))
             for data in conn:
                 try:
                     replies = session.run(protocol.receive_data(data))
@@ -172,6 +187,11 @@ def _encode_replies(protocol: ServerProtocol, replies: list) -> list:
             except wire.EncodeError as e:
                 safe.append(m.Failure(r.req_id, None, to_info(TypeError(str(e)))))
         return protocol.send(safe)
+
+
+def _printable(name: str, limit: int = 64) -> str:
+    """A client-chosen name, safe to put in logs and tables."""
+    return re.sub(r"[^\w.@:+-]", "_", name[:limit]) or "client"
 
 
 def _try_send(conn: ServerConnection, chunks: list) -> None:

@@ -21,6 +21,11 @@ class Published:
     allow_get: bool
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """Identifies the memory behind a tensor: views of one tensor share it."""
+    return t.untyped_storage().data_ptr()
+
+
 def object_id(ref: m.Ref) -> str:
     """The display id of a reference: '7' (op 7), '7.1' (its second output), 'p3' (published)."""
     if isinstance(ref, m.PublishedRef):
@@ -35,6 +40,8 @@ class ObjectStore:
         self._published: dict[int, Published] = {}
         self._namespaces: dict[str, dict[m.ClientRef, torch.Tensor]] = {}
         self._next_pub = 1
+        self.published_storages: set[int] = set()  # owned by the owner: never counted to a client
+        self.no_get_storages: set[int] = set()     # behind data published with allow_get=False
 
     # --- published data ---
     def publish(self, tensor: torch.Tensor, tags: tuple[str, ...], description: str,
@@ -42,6 +49,10 @@ class ObjectStore:
         with self._lock:
             pub_id, self._next_pub = self._next_pub, self._next_pub + 1
             self._published[pub_id] = Published(tensor, tags, description, allow_get)
+            if tensor.numel():
+                self.published_storages.add(storage_key(tensor))
+                if not allow_get:
+                    self.no_get_storages.add(storage_key(tensor))
         return m.PublishedRef(pub_id)
 
     def published(self, ref: m.PublishedRef) -> Published:

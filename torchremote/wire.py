@@ -267,7 +267,7 @@ def _of(*types: type) -> Any:
 
 _FIELD_CHECKS: dict[type, tuple] = {
     m.Hello: (_is_int, _of(str), lambda v: v is None or type(v) is str),
-    m.Welcome: (_is_int, _of(str), _of(str)),
+    m.Welcome: (_is_int, _of(str), _of(str), _is_int),
     m.Put: (_is_int, _of(torch.Tensor), _of(bool)),
     m.Call: (_is_int, _of(str), _of(tuple), _of(dict), _of(bool), _of(bool)),
     m.Fetch: (_is_int, _of(m.ClientRef, m.PublishedRef)),
