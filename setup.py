@@ -10,7 +10,8 @@ setup(
     python_requires=">=3.11",
     install_requires=["torch>=2.4", "websockets>=13", "msgpack>=1.0"],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "psutil>=5.9", "numpy>=1.26"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "psutil>=5.9", "numpy>=1.26",
+                 "trustme>=1.0"],
         "bench": ["matplotlib>=3.7", "psutil>=5.9"],
     },
     entry_points={"console_scripts": ["torchremote=torchremote.cli:main"]},

@@ -52,7 +52,7 @@ class WorkerProcess:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
             env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
         self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("ws://"):
+        if not self.url.startswith(("ws://", "wss://")):
             self.proc.kill()
             raise RuntimeError(f"worker did not start: {self.url!r} {self.proc.stderr.read()}")
 

@@ -274,10 +274,11 @@ def _open(url: str, *, timeout: float, retry_for: float, ssl: ssl_module.SSLCont
         except ssl_module.SSLError as e:  # a certificate problem does not go away by waiting
             raise WorkerConnectionError(f"TLS with the worker at {url} failed: {e}") from e
         except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 waited = f" (retried for {retry_for:g} s)" if retry_for else ""
                 raise WorkerConnectionError(f"cannot connect to a worker at {url}{waited}: {e}") from e
-            time.sleep(delay)
+            time.sleep(min(delay, remaining))
             delay = min(delay * 2, 2.0)
         except Exception as e:
             raise WorkerConnectionError(f"cannot connect to a worker at {url}: {e}") from e

@@ -18,6 +18,10 @@ from .device import BACKEND as _REMOTE
 from .errors import WorkerPermissionError, to_info
 from .store import ObjectStore, object_id, storage_key
 
+# Calls whose result is the data itself: on (a view of) allow_get=False data, refused like a fetch.
+_EXTRACTS_DATA = frozenset(f"torch.Tensor.{n}" for n in (
+    "tolist", "item", "__float__", "__int__", "__index__", "__complex__", "__array__", "numpy"))
+
 _SENDABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
                     torch.memory_format, torch.layout, m.TensorMeta, m.SameAs, slice, type(Ellipsis))
 
@@ -69,6 +73,13 @@ class Session:
         self._storages.clear()
         self.held_bytes = 0
         return self.store.close_namespace(self.client_id)
+
+    def _check_gettable(self, t: torch.Tensor, ref: m.Ref | None) -> None:
+        if t.numel() and storage_key(t) in self.store.no_get_storages:
+            name = f"object {object_id(ref)}" if ref is not None else "this tensor"
+            raise WorkerPermissionError(
+                f"{name} is (a view of) data published with allow_get=False: compute on it, but its "
+                f"data never leaves the worker")
 
     # --- what this client holds ---
     def _new_bytes(self, tensors: list[torch.Tensor]) -> int:
@@ -159,6 +170,8 @@ class Session:
             func = ops.resolve(cmd.op)
             args = self._resolve(cmd.args, inputs)
             kwargs = self._resolve(cmd.kwargs, inputs)
+            if cmd.op in _EXTRACTS_DATA and args and isinstance(args[0], torch.Tensor):
+                self._check_gettable(args[0], inputs.get(id(args[0])))
             with torch.set_grad_enabled(cmd.grad_enabled):
                 result = func(*args, **kwargs)
             leaves = [leaf for leaf in tree_flatten(result)[0] if isinstance(leaf, torch.Tensor)]
@@ -187,10 +200,7 @@ class Session:
     def _fetch(self, cmd: m.Fetch, out: list) -> None:
         try:
             t = self._tensor(cmd.ref)
-            if t.numel() and storage_key(t) in self.store.no_get_storages:
-                raise WorkerPermissionError(
-                    f"object {object_id(cmd.ref)} is (a view of) data published with allow_get=False: "
-                    f"compute on it, but its data never leaves the worker")
+            self._check_gettable(t, cmd.ref)
             out.append(m.Reply(cmd.req_id, t.detach()))
         except _Poisoned as p:
             out.append(m.Failure(cmd.req_id, None, p.info))
