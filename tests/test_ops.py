@@ -42,8 +42,9 @@ def test_names_outside_the_allow_list_are_refused(name):
         ops.resolve(name)
 
 
-def test_a_callable_disguised_as_a_torch_function_has_no_name():
+@pytest.mark.parametrize("module,name", [("torch", "add"), ("os", "system"), ("torch.Tensor", "add")])
+def test_a_callable_disguised_as_another_has_no_name(module, name):
     def fake(*a):
         pass
-    fake.__module__, fake.__qualname__, fake.__name__ = "torch", "add", "add"
+    fake.__module__, fake.__qualname__, fake.__name__ = module, name, name
     assert ops.name_of(fake) is None

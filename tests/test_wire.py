@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import msgpack
 import pytest
@@ -128,10 +129,15 @@ def test_decoding_mutated_frames_raises_only_protocol_error(pos, byte, cut):
     data = bytearray(VALID)
     data[pos] = byte
     for candidate in (bytes(data), VALID[:cut]):
+        tracemalloc.start()
         try:
             wire.decode(candidate)
         except ProtocolError:
             pass
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        assert peak < 256 * 1024, f"decoding {len(candidate)} bytes allocated {peak} bytes"
 
 
 def test_header_cannot_claim_memory_it_did_not_send():
