@@ -22,6 +22,8 @@ from .store import ObjectStore, object_id, storage_key
 _EXTRACTS_DATA = frozenset(f"torch.Tensor.{n}" for n in (
     "tolist", "item", "__float__", "__int__", "__index__", "__complex__", "__array__", "numpy"))
 
+_CONTAINERS = (list, tuple, dict)
+
 _SENDABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
                     torch.memory_format, torch.layout, m.TensorMeta, m.SameAs, slice, type(Ellipsis))
 
@@ -138,17 +140,23 @@ class Session:
                           f"(it was released, or was never created)")
 
     def _resolve(self, value: Any, inputs: dict[int, m.Ref]) -> Any:
-        def leaf(v: Any) -> Any:
-            if isinstance(v, (m.ClientRef, m.PublishedRef)):
-                t = self._tensor(v)
-                inputs[id(t)] = v
-                return t
-            if isinstance(v, torch.device) and v.type == _REMOTE:
-                return self.device
-            if isinstance(v, torch.Tensor) and v.device != self.device:
-                return v.to(self.device)
-            return v
-        return tree_map(leaf, value)
+        """Replace references by the tensors they name (and remote devices by this worker's)."""
+        if type(value) is tuple and not any(isinstance(v, _CONTAINERS) for v in value):
+            return tuple(self._leaf(v, inputs) for v in value)  # the common case, without pytree
+        if type(value) is dict and not value:
+            return value
+        return tree_map(lambda v: self._leaf(v, inputs), value)
+
+    def _leaf(self, v: Any, inputs: dict[int, m.Ref]) -> Any:
+        if isinstance(v, (m.ClientRef, m.PublishedRef)):
+            t = self._tensor(v)
+            inputs[id(t)] = v
+            return t
+        if isinstance(v, torch.device) and v.type == _REMOTE:
+            return self.device
+        if isinstance(v, torch.Tensor) and v.device != self.device:
+            return v.to(self.device)
+        return v
 
     # --- commands ---
     def _put(self, cmd: m.Put, out: list) -> None:
