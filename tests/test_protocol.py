@@ -23,7 +23,8 @@ class Pair:
     def roundtrip(self) -> list:
         data = b"".join(self.client.data_to_send())
         replies = self.session.run(self.server.receive_data(data))
-        return self.client.receive_data(b"".join(self.server.send(replies))) if replies else []
+        return [event for frame in self.server.send(replies)
+                for event in self.client.receive_data(b"".join(frame))]
 
 
 @pytest.fixture

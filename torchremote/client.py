@@ -22,6 +22,7 @@ from . import device as devices
 from . import messages as m
 from ._transport import WEBSOCKET_OPTIONS, send_chunks
 from .errors import TorchRemoteError, WorkerConnectionError, WorkerPermissionError, from_info
+from .progress import transfer_bar
 from .protocol import ClientProtocol
 from .store import ObjectTable
 from .tensor import RemoteTensor
@@ -60,6 +61,9 @@ class Worker:
             raise WorkerConnectionError(f"handshake with {url} failed: {e}") from e
         self.id: str = welcome.worker_id
         self.max_message_bytes: int = welcome.max_message_bytes
+        self._chunk_bytes = min(m.CHUNK_BYTES, self.max_message_bytes - FRAME_OVERHEAD)
+        self._bars: dict[int, tuple[Any, list[int]]] = {}  # req_id -> (bar, [bytes shown])
+        self._protocol.on_chunk = self._fetch_progress
         self.client_id: str = welcome.client_id
         self.device: torch.device = devices.register(self)
         self._reader = threading.Thread(target=self._read_loop, name=f"torchremote-read-{self.id}",
@@ -121,12 +125,30 @@ class Worker:
                                    dtype=tensor.dtype, device="meta")
         if tensor.requires_grad:
             meta.requires_grad_(True)
-        self._check_size(tensor.numel() * tensor.element_size(), "this tensor")
+        nbytes = tensor.numel() * tensor.element_size()
         with self._lock:
             self._check_open()
-            ref = self._protocol.put(tensor.detach(), tensor.requires_grad)
-            self._flush_locked()  # the bytes leave now: no snapshot copy, and `tensor` may change after
+            if nbytes <= self._chunk_bytes:
+                ref = self._protocol.put(tensor.detach(), tensor.requires_grad)
+                self._flush_locked()  # the bytes leave now: no snapshot copy; `tensor` may change after
+            else:
+                ref = self._put_chunked(tensor)
         return RemoteTensor._wrap(meta, self, ref)
+
+    def _put_chunked(self, tensor: torch.Tensor) -> m.ClientRef:
+        """A large tensor, one chunk per message: neither side ever holds a second full copy."""
+        header, chunks = wire.split_for_transfer(tensor.detach(), self._chunk_bytes)
+        ref = self._protocol.put_begin(header, tensor.requires_grad)
+        self._flush_locked()
+        bar = transfer_bar(header.nbytes, f"send to {self.id}")
+        try:
+            for offset, data in chunks:
+                self._protocol.chunk(ref.op_id, offset, data)
+                self._flush_locked()
+                bar.update(data.numel())
+        finally:
+            bar.close()
+        return ref
 
     def _call(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> int:
         self._check_size(nbytes, f"the local tensors of {op}")
@@ -154,6 +176,16 @@ class Worker:
 
     def _fetch(self, ref: m.Ref) -> torch.Tensor:
         return self._request(m.Fetch, ref)
+
+    def _fetch_progress(self, req_id: int, received: int, total: int) -> None:
+        if req_id not in self._bars:
+            self._bars[req_id] = (transfer_bar(total, f"get from {self.id}"), [0])
+        bar, shown = self._bars[req_id]
+        bar.update(received - shown[0])
+        shown[0] = received
+        if received == total:
+            del self._bars[req_id]
+            bar.close()
 
     def _release(self, ref: m.ClientRef) -> None:
         if self._closed is None:
@@ -183,6 +215,7 @@ class Worker:
         return value
 
     def _check_size(self, nbytes: int, what: str) -> None:
+        """Local operands travel inside their op's message, so they must fit in one."""
         if nbytes + FRAME_OVERHEAD > self.max_message_bytes:
             raise WorkerPermissionError(
                 f"{what} ({nbytes} bytes) would not fit in one message to worker {self.id!r}, which "

@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import messages as m
-from . import ops
+from . import ops, wire
 from .device import BACKEND as _REMOTE
 from .errors import WorkerPermissionError, to_info
 from .store import ObjectStore, object_id, storage_key
@@ -54,8 +54,9 @@ class Session:
         self._handlers: dict[type, Callable[[Any, list], None]] = {
             m.Put: self._put, m.Call: self._call, m.Fetch: self._fetch, m.Release: self._release,
             m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
-            m.Sync: self._sync,
+            m.Sync: self._sync, m.PutBegin: self._put_begin, m.Chunk: self._chunk,
         }
+        self._incoming: dict[int, tuple[wire.Assembly, bool]] = {}
 
     def run(self, commands: list) -> list:
         """Run a batch in order; returns the replies and failures to send back (maybe none)."""
@@ -72,6 +73,7 @@ class Session:
         return out
 
     def close(self) -> int:
+        self._incoming.clear()
         self._storages.clear()
         self.held_bytes = 0
         return self.store.close_namespace(self.client_id)
@@ -95,10 +97,11 @@ class Session:
         return total
 
     def _check_room(self, tensors: list[torch.Tensor], what: str) -> None:
-        if self.max_client_bytes is None:
-            return
-        new = self._new_bytes(tensors)
-        if new and self.held_bytes + new > self.max_client_bytes:
+        if self.max_client_bytes is not None:
+            self._check_new_bytes(self._new_bytes(tensors), what)
+
+    def _check_new_bytes(self, new: int, what: str) -> None:
+        if self.max_client_bytes is not None and new and self.held_bytes + new > self.max_client_bytes:
             raise WorkerPermissionError(
                 f"{what} would make this client hold {self.held_bytes + new} bytes on the worker, over "
                 f"its limit of {self.max_client_bytes} bytes (--max-client-bytes); free some pointers")
@@ -159,6 +162,33 @@ class Session:
         return v
 
     # --- commands ---
+    def _put_begin(self, cmd: m.PutBegin, out: list) -> None:
+        try:
+            self._check_new_bytes(cmd.header.nbytes, "send")
+            self._incoming[cmd.op_id] = (wire.Assembly(cmd.header), cmd.requires_grad)
+        except Exception as e:
+            self.failed[cmd.op_id] = info = to_info(e, op="send")
+            out.append(m.Failure(None, cmd.op_id, info))
+
+    def _chunk(self, cmd: m.Chunk, out: list) -> None:
+        entry = self._incoming.get(cmd.id)
+        if entry is None:
+            if cmd.id not in self.failed:  # chunks of a refused send are dropped quietly
+                out.append(m.Failure(None, cmd.id, to_info(LookupError("a chunk for no pending send"))))
+            return
+        assembly, requires_grad = entry
+        try:
+            if not assembly.add(cmd):
+                return
+        except Exception as e:
+            del self._incoming[cmd.id]
+            self.failed[cmd.id] = info = to_info(e, op="send")
+            out.append(m.Failure(None, cmd.id, info))
+            return
+        del self._incoming[cmd.id]
+        t = assembly.tensor().to(self.device)
+        self._hold(m.ClientRef(cmd.id, 0), t.requires_grad_(True) if requires_grad else t)
+
     def _put(self, cmd: m.Put, out: list) -> None:
         try:
             self._check_room([cmd.tensor], "put")
@@ -209,7 +239,13 @@ class Session:
         try:
             t = self._tensor(cmd.ref)
             self._check_gettable(t, cmd.ref)
-            out.append(m.Reply(cmd.req_id, t.detach()))
+            t = t.detach()
+            if t.numel() * t.element_size() <= m.CHUNK_BYTES:
+                out.append(m.Reply(cmd.req_id, t))
+                return
+            header, chunks = wire.split_for_transfer(t)
+            out.append(m.Reply(cmd.req_id, header))
+            out.extend(m.Chunk(cmd.req_id, offset, data) for offset, data in chunks)
         except _Poisoned as p:
             out.append(m.Failure(cmd.req_id, None, p.info))
         except Exception as e:

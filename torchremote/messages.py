@@ -19,6 +19,7 @@ PROTOCOL_VERSION = 1
 MAGIC = b"TRM1"                      # first bytes of every frame
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
+CHUNK_BYTES = 4 << 20               # tensors larger than this travel as a header, then chunks
 
 
 # --- value types that travel inside messages -----------------------------------------------------
@@ -63,6 +64,15 @@ class TensorMeta:
 class SameAs:
     """In a reply: this output is the very input object `ref` (an in-place op, `out=`)."""
     ref: Ref
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkedTensor:
+    """In a reply: a tensor too large for one message; `Chunk`s with this reply's id follow."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    perm: tuple[int, ...] | None   # memory order, as in wire.py; None when contiguous
+    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +182,22 @@ class Sync:
     req_id: int
 
 
+@dataclass(frozen=True, slots=True)
+class PutBegin:
+    """A large `Put`: the tensor's layout now, its bytes in the `Chunk`s that follow."""
+    op_id: int
+    header: ChunkedTensor
+    requires_grad: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes `offset...` of the large tensor announced under `id` (a PutBegin op, or a reply)."""
+    id: int
+    offset: int
+    data: torch.Tensor  # uint8
+
+
 # --- worker -> client ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +217,8 @@ class Failure:
 # Wire codes: append only, never reuse a number.
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
+    PutBegin, Chunk,
 )
 VALUE_TYPES: tuple[type, ...] = (
-    TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo,
+    TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor,
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +33,9 @@ class ClientProtocol:
         self.pending_bytes = 0  # tensor bytes queued in the outbox
         self._releases: collections.deque[m.ClientRef] = collections.deque()
         self.welcome: m.Welcome | None = None
+        self._incoming: dict[int, wire.Assembly] = {}
+        # called as on_chunk(req_id, received, total) while a large reply arrives
+        self.on_chunk: Callable[[int, int, int], None] | None = None
 
     # --- handshake ---
     def hello(self) -> Chunks:
@@ -56,6 +59,16 @@ class ClientProtocol:
         self._outbox.append(m.Put(op_id, tensor, requires_grad))
         self.pending_bytes += tensor.numel() * tensor.element_size()
         return m.ClientRef(op_id, 0)
+
+    def put_begin(self, header: m.ChunkedTensor, requires_grad: bool = False) -> m.ClientRef:
+        """Announce a large tensor; send its bytes with `chunk(ref.op_id, ...)`, one per frame."""
+        op_id = self.next_id()
+        self._outbox.append(m.PutBegin(op_id, header, requires_grad))
+        return m.ClientRef(op_id, 0)
+
+    def chunk(self, op_id: int, offset: int, data: torch.Tensor) -> None:
+        self._outbox.append(m.Chunk(op_id, offset, data))
+        self.pending_bytes += data.numel()
 
     def call(self, op: str, args: tuple, kwargs: dict, *, reply: bool, grad_enabled: bool,
              nbytes: int = 0) -> int:
@@ -93,17 +106,33 @@ class ClientProtocol:
         return wire.encode(items) if items else []
 
     def receive_data(self, data: bytes) -> list:
-        items = wire.decode(data)
-        for item in items:
-            if not isinstance(item, (m.Reply, m.Failure)):
+        """The replies and failures in a message; a chunked tensor is returned once complete."""
+        events = []
+        for item in wire.decode(data):
+            if isinstance(item, m.Reply) and isinstance(item.value, m.ChunkedTensor):
+                self._incoming[item.req_id] = wire.Assembly(item.value)
+            elif isinstance(item, m.Chunk):
+                assembly = self._incoming.get(item.id)
+                if assembly is None:
+                    raise ProtocolError("a chunk for a reply that was not announced")
+                done = assembly.add(item)
+                if self.on_chunk is not None:
+                    self.on_chunk(item.id, assembly.received, assembly.header.nbytes)
+                if done:
+                    del self._incoming[item.id]
+                    events.append(m.Reply(item.id, assembly.tensor()))
+            elif isinstance(item, (m.Reply, m.Failure)):
+                events.append(item)
+            else:
                 raise ProtocolError(f"unexpected {type(item).__name__} from the worker")
-        return items
+        return events
 
 
 class ServerProtocol:
     """The worker's end: validates the handshake, decodes command batches, encodes replies."""
 
-    _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync)
+    _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync,
+                 m.PutBegin, m.Chunk)
 
     def receive_hello(self, data: bytes) -> m.Hello:
         items = wire.decode(data)
@@ -131,6 +160,10 @@ class ServerProtocol:
         return items
 
     @staticmethod
-    def send(items: list) -> Chunks:
-        return wire.encode(items)
+    def send(items: list) -> list[Chunks]:
+        """The frames for a batch of replies: one for the small ones, one per `Chunk` after them."""
+        small = [i for i in items if not isinstance(i, m.Chunk)]
+        frames = [wire.encode(small)] if small else []
+        frames.extend(wire.encode([i]) for i in items if isinstance(i, m.Chunk))
+        return frames
 

@@ -164,8 +164,8 @@ class WorkerServer:
                 except ProtocolError as e:
                     self.log.warning("%s %s: %s", peer, client_id, e)
                     replies = [m.Failure(None, None, to_info(e))]
-                if replies:
-                    send_chunks(conn, _encode_replies(protocol, replies))
+                for frame in _encode_replies(protocol, replies):
+                    send_chunks(conn, frame)
         except websockets.ConnectionClosed:
             pass
         finally:

@@ -112,6 +112,11 @@ def _tensor_from(data: memoryview, dtype: torch.dtype, shape: list[int], perm: l
     out = torch.empty(len(data), dtype=torch.uint8)
     if len(data):
         _bytes_of(out)[:] = data
+    return _tensor_from_buffer(out, dtype, shape, perm)
+
+
+def _tensor_from_buffer(out: torch.Tensor, dtype: torch.dtype, shape: list[int],
+                        perm: list[int] | None) -> torch.Tensor:
     phys_shape = [shape[d] for d in perm] if perm else shape
     t = out.view(dtype).view(phys_shape)
     if perm:
@@ -221,6 +226,46 @@ def check_sendable(value: Any) -> None:
     raise EncodeError(f"torchremote cannot send a value of type {type(value).__qualname__}")
 
 
+def split_for_transfer(t: torch.Tensor, chunk_bytes: int = m.CHUNK_BYTES
+                       ) -> tuple[m.ChunkedTensor, list[tuple[int, torch.Tensor]]]:
+    """A large tensor as a header and (offset, uint8 slice) chunks, without copying dense data."""
+    raw, perm = _raw_view(t)
+    flat = raw.reshape(-1).view(torch.uint8) if raw.numel() else torch.empty(0, dtype=torch.uint8)
+    header = m.ChunkedTensor(t.dtype, tuple(t.shape), tuple(perm) if perm else None, flat.numel())
+    return header, [(off, flat[off:off + chunk_bytes]) for off in range(0, flat.numel(), chunk_bytes)]
+
+
+class Assembly:
+    """Receives the chunks of one large tensor into a buffer allocated once, up front."""
+
+    def __init__(self, header: m.ChunkedTensor) -> None:
+        if header.dtype not in DTYPES.values() or len(header.shape) > MAX_DIMS or min(header.shape, default=0) < 0:
+            raise _fail("bad chunked tensor header")
+        expected = header.dtype.itemsize
+        for s in header.shape:
+            expected *= s
+        if expected != header.nbytes:
+            raise _fail("chunked tensor size does not match its shape")
+        if header.perm is not None and sorted(header.perm) != list(range(len(header.shape))):
+            raise _fail("bad chunked tensor layout")
+        self.header = header
+        self.buffer = torch.empty(header.nbytes, dtype=torch.uint8)
+        self.received = 0
+
+    def add(self, chunk: m.Chunk) -> bool:
+        """Copy a chunk in; True once the tensor is complete."""
+        end = chunk.offset + chunk.data.numel()
+        if chunk.offset != self.received or end > self.header.nbytes:
+            raise _fail("chunk out of order or past the end of its tensor")
+        self.buffer[chunk.offset:end].copy_(chunk.data)
+        self.received = end
+        return self.received == self.header.nbytes
+
+    def tensor(self) -> torch.Tensor:
+        h = self.header
+        return _tensor_from_buffer(self.buffer, h.dtype, list(h.shape), list(h.perm) if h.perm else None)
+
+
 def encode(items: list) -> list[bytes | memoryview]:
     """Encode a batch as the chunks of one frame (send them as one message, in order)."""
     enc = _Encoder()
@@ -283,6 +328,10 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.ErrorInfo: (_of(str), _of(str), lambda v: v is None or type(v) is str, _of(str)),
     m.PublishedInfo: (_of(m.PublishedRef), _of(m.TensorMeta), _is_str_tuple, _of(str)),
     m.ObjectInfo: (_of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _is_str_tuple, _of(str)),
+    m.ChunkedTensor: (_of(torch.dtype), _is_shape, lambda v: v is None or _is_shape(v), _is_int),
+    m.PutBegin: (_is_int, _of(m.ChunkedTensor), _of(bool)),
+    m.Chunk: (_is_int, _is_int, lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+              and v.dim() == 1),
 }
 assert set(_FIELD_CHECKS) == set(_STRUCTS)
 
@@ -360,7 +409,8 @@ class _Decoder:
             values = v[1:]
             if len(values) != _STRUCT_ARITY[cls]:
                 raise _fail(f"{cls.__name__} takes {_STRUCT_ARITY[cls]} fields, got {len(values)}")
-            values = [tuple(x) if isinstance(x, list) and check in (_is_shape, _is_str_tuple) else x
+            values = [tuple(x) if isinstance(x, list) and (check in (_is_shape, _is_str_tuple)
+                                                           or cls is m.ChunkedTensor) else x
                       for x, check in zip(values, _FIELD_CHECKS[cls])]
             for f, x, check in zip(fields(cls), values, _FIELD_CHECKS[cls]):
                 if not check(x):
