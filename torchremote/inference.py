@@ -3,7 +3,9 @@
 A cold meta run costs 50-400 us (many meta kernels are Python decompositions); a cache keyed by the
 op and its inputs' metadata makes a repeated op cost a dictionary lookup. An entry is only kept when
 the meta run left every input's metadata as it found it, so a cache hit is exactly a re-run. Calls
-that must synchronise (a Python value is asked for, no meta kernel, an error) are cached as such.
+that record autograd history are never cached: the stand-ins' meta graph is what lets `backward()`
+give every parameter's stand-in its `.grad`, so `p.grad` needs no round trip. Calls that must
+synchronise (a Python value is asked for, no meta kernel, an error) are cached as such.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def _key(func: Callable, metas: list, spec: Any) -> Any:
 
 def plan(func: Callable, name: str, metas: list, spec: Any) -> Plan | None:
     """The plan for `func` on these meta stand-ins and values, or None if the call must synchronise."""
-    key = _key(func, metas, spec)
+    key = None if _records_autograd(metas) else _key(func, metas, spec)
     if key is not None:
         hit = _cache.get(key)
         if hit is not None:
@@ -75,6 +77,11 @@ def plan(func: Callable, name: str, metas: list, spec: Any) -> Plan | None:
     if key is not None and cacheable and len(_cache) < MAX_ENTRIES:
         _cache[key] = _SYNC if result is None else Plan(result.spec, result.leaves)
     return result
+
+
+def _records_autograd(metas: list) -> bool:
+    """A call that adds to an autograd graph: the graph links the stand-ins, so it must really run."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in metas)
 
 
 def _run_meta(func: Callable, name: str, metas: list, spec: Any) -> tuple[Plan | None, bool]:

@@ -1,0 +1,1 @@
+"""Benchmarks: torchremote side by side with local PyTorch, torch.distributed.rpc, raw websockets and TCP."""

@@ -1,0 +1,396 @@
+"""torchremote against its peers, every case in one run: `make bench` (or `python -m benchmarks.bench`).
+
+Peers: local PyTorch; torch.distributed.rpc over TensorPipe; the raw websockets transport; raw TCP,
+the physical limit for moving bytes. Everything runs on 127.0.0.1, each server in its own process.
+Prints Markdown tables with figures and ratios, and writes results.json, results.md, transfer.png
+and latency.png into benchmarks/results/. Figures are medians; the machine is noisy, so read ratios
+from one run, never across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torchremote as tr
+from benchmarks import peers
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+def per_call(fn, n: int, repeats: int = 5) -> float:
+    """Median seconds per call of fn() over `repeats` timed loops of n calls."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def start(args: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remote_module(module: nn.Module, worker: tr.Worker) -> nn.Module:
+    """Parameters and buffers to the worker, in place (tied weights stay tied)."""
+    sent: dict[int, torch.Tensor] = {}
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in sent:
+                    sent[id(p)] = nn.Parameter(p.detach().send(worker), requires_grad=p.requires_grad)
+                mod._parameters[name] = sent[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = b.send(worker)
+    return module
+
+
+class TcpClient:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def echo(self, data) -> bytearray:
+        self.sock.sendall(struct.pack("<Q", len(data)))
+        self.sock.sendall(data)
+        (n,) = struct.unpack("<Q", peers.recv_exact(self.sock, 8))
+        return peers.recv_exact(self.sock, n)
+
+
+class RssSampler:
+    """Peak RSS of some processes while a block runs, sampled every 5 ms."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {k: psutil.Process(p) for k, p in pids.items()}
+        self.peak = {k: 0 for k in pids}
+        self.base = {k: p.memory_info().rss for k, p in self.procs.items()}
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for k, p in self.procs.items():
+                self.peak[k] = max(self.peak[k], p.memory_info().rss)
+            time.sleep(0.005)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def extra(self, key: str) -> int:
+        return max(self.peak[key] - self.base[key], 0)
+
+
+# --- the cases ----------------------------------------------------------------------------------------
+
+def latency(bob: tr.Worker, ws, tcp: TcpClient, rpc, results: dict) -> None:
+    x_local = torch.ones(10)
+    x = x_local.send(bob)
+    rref = rpc.remote("peer", torch.ones, args=((10,),))
+    small = b"x" * 64
+    rows = {
+        "local torch: (x + 1).sum().item()": per_call(lambda: (x_local + 1).sum().item(), 2000),
+        "torchremote: (x + 1).sum().item()": per_call(lambda: (x + 1).sum().item(), 300),
+        "rpc_sync: same, on an RRef-held x": per_call(lambda: rpc.rpc_sync("peer", peers.add_sum_item, args=(rref,)), 300),
+        "rpc_sync(torch.add)": per_call(lambda: rpc.rpc_sync("peer", torch.add, args=(x_local, 1)), 300),
+        "raw websockets ping-pong (64 B)": per_call(lambda: (ws.send(small), ws.recv()), 500),
+        "raw TCP ping-pong (64 B)": per_call(lambda: tcp.echo(small), 1000),
+    }
+    results["latency_us"] = {k: v * 1e6 for k, v in rows.items()}
+
+
+def pipelined(bob: tr.Worker, rpc, results: dict, chain: int = 2000) -> None:
+    def local_chain():
+        x = torch.ones(10)
+        for _ in range(chain):
+            x = x + 1
+        return x.sum().item()
+
+    def remote_chain():
+        x = torch.ones(10).send(bob)
+        for _ in range(chain):
+            x = x + 1
+        return x.get()
+
+    def rpc_chain():
+        rref = rpc.remote("peer", torch.ones, args=((10,),))
+        for _ in range(chain):
+            rref = rpc.remote("peer", peers.add_one, args=(rref,))
+        return rref.to_here()
+
+    def rpc_async_chain():
+        x = torch.ones(10)
+        futures = [rpc.rpc_async("peer", torch.add, args=(x, 1)) for _ in range(chain)]
+        torch.futures.wait_all(futures)
+
+    results["pipelined_us_per_op"] = {
+        "local torch": per_call(local_chain, 1, 5) / chain * 1e6,
+        "torchremote (chain, one get)": per_call(remote_chain, 1, 5) / chain * 1e6,
+        "rpc.remote chain on RRefs": per_call(rpc_chain, 1, 3) / chain * 1e6,
+        "rpc_async (independent ops)": per_call(rpc_async_chain, 1, 3) / chain * 1e6,
+    }
+
+
+def transfer(bob: tr.Worker, ws, tcp: TcpClient, rpc, results: dict, sizes: list[int]) -> None:
+    curve: dict[str, dict[int, float]] = {k: {} for k in ("torchremote send+get", "websockets echo (1 message)",
+                                                          "rpc echo", "raw TCP echo")}
+    for size in sizes:
+        t = torch.randint(0, 255, (size,), dtype=torch.uint8)
+        data = t.numpy().tobytes()
+        n = max(1, min(200, (64 * MiB) // size))
+        reps = 3 if size >= 64 * MiB else 5
+
+        def remote():
+            r = t.send(bob)
+            r.get()
+
+        for name, fn in (("torchremote send+get", remote),
+                         ("websockets echo (1 message)", lambda: (ws.send(data), ws.recv())),
+                         ("rpc echo", lambda: rpc.rpc_sync("peer", peers.identity, args=(t,))),
+                         ("raw TCP echo", lambda: tcp.echo(data))):
+            seconds = per_call(fn, n, reps)
+            curve[name][size] = 2 * size / seconds / MiB  # MiB/s, both directions counted
+        gc.collect()
+    results["transfer_mib_s"] = curve
+
+
+def training(bob: tr.Worker, results: dict, steps: int = 10) -> None:
+    def mlp():
+        return nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                             nn.Linear(1024, 10))
+
+    def cnn():
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+
+    out = {}
+    for name, make, shape in (("MLP 1024-1024-1024-10, batch 256", mlp, (256, 1024)),
+                              ("CNN 2 conv + linear, batch 64 x 3x32x32", cnn, (64, 3, 32, 32))):
+        torch.manual_seed(0)
+        x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+        figures = {}
+        for where in ("local", "remote"):
+            torch.manual_seed(0)
+            model = make()
+            xs, ys = (x, y) if where == "local" else (x.send(bob), y.send(bob))
+            if where == "remote":
+                remote_module(model, bob)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(xs), ys)
+                loss.backward()
+                opt.step()
+                return loss.item()
+
+            figures[where] = per_call(step, steps, 3)
+        out[name] = {"local_ms": figures["local"] * 1e3, "remote_ms": figures["remote"] * 1e3,
+                     "ratio": figures["remote"] / figures["local"]}
+    results["training"] = out
+
+
+def memory(bob: tr.Worker, worker_pid: int, results: dict, move_bytes: int) -> None:
+    me = psutil.Process()
+    x = torch.ones(4).send(bob)
+    gc.collect()
+    before = me.memory_info().rss
+    keep = [x + 0 for _ in range(20000)]
+    bob.sync()
+    per_pointer = (me.memory_info().rss - before) / len(keep)
+    del keep
+    gc.collect()
+    bob.sync()
+
+    big = torch.randint(0, 255, (move_bytes,), dtype=torch.uint8)
+    with RssSampler({"client": me.pid, "worker": worker_pid}) as rss:
+        t0 = time.perf_counter()
+        remote = big.send(bob)
+        bob.sync()
+        t1 = time.perf_counter()
+        back = remote.get()
+        t2 = time.perf_counter()
+    assert torch.equal(back, big)
+    results["memory"] = {
+        "client_bytes_per_pointer": per_pointer,
+        "moved_bytes": move_bytes,
+        "send_s": t1 - t0, "get_s": t2 - t1,
+        "client_peak_extra_bytes": rss.extra("client"),
+        "worker_peak_extra_bytes": rss.extra("worker"),
+    }
+    del remote, back, big
+    gc.collect()
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+def fmt_size(n: int) -> str:
+    return f"{n // GiB} GiB" if n >= GiB else f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def report(results: dict) -> str:
+    lat, pipe, tr_curve = results["latency_us"], results["pipelined_us_per_op"], results["transfer_mib_s"]
+    ws_pp = lat["raw websockets ping-pong (64 B)"]
+    remote_sync = lat["torchremote: (x + 1).sum().item()"]
+    rpc_sync = lat["rpc_sync(torch.add)"]
+    lines = [f"Machine: {results['machine']}. Loopback, every server in its own process; medians.", ""]
+    lines += ["### 1. Small-op latency, synchronous", "", "| call | µs per call | vs raw websockets ping-pong |",
+              "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {v:.0f} | {v / ws_pp:.2f}x |" for k, v in lat.items()]
+    lines += ["", "### 2. Pipelined ops (a chain of 2000 small ops, then one fetch)", "",
+              "| how | µs per op | vs rpc_sync(torch.add) |", "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {v:.1f} | {v / rpc_sync:.3f}x |" for k, v in pipe.items()]
+    sizes = sorted(next(iter(tr_curve.values())))
+    lines += ["", "### 3. Transfer: round trip of N bytes, MiB/s (both directions counted)", "",
+              "| size | " + " | ".join(tr_curve) + " |", "| --- |" + " ---: |" * len(tr_curve)]
+    for s in sizes:
+        lines.append(f"| {fmt_size(s)} | " + " | ".join(f"{tr_curve[k][s]:.0f}" for k in tr_curve) + " |")
+    lines += ["", "### 4. Training step (SGD, momentum 0.9; data already on the worker)", "",
+              "| model | local ms | remote ms | remote / local |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {k} | {v['local_ms']:.1f} | {v['remote_ms']:.1f} | {v['ratio']:.2f} |"
+              for k, v in results["training"].items()]
+    mem = results["memory"]
+    lines += ["", "### 5. Memory", "", "| what | figure |", "| --- | ---: |",
+              f"| client memory per live RemoteTensor | {mem['client_bytes_per_pointer']:.0f} B |",
+              f"| send {fmt_size(mem['moved_bytes'])} | {mem['send_s']:.2f} s |",
+              f"| get {fmt_size(mem['moved_bytes'])} | {mem['get_s']:.2f} s |",
+              f"| client peak extra RSS while moving it | {mem['client_peak_extra_bytes'] / GiB:.2f} GiB |",
+              f"| worker peak extra RSS while moving it | {mem['worker_peak_extra_bytes'] / GiB:.2f} GiB |"]
+    big = max(s for s in sizes if s <= 64 * MiB)
+    targets = [
+        ("pipelined op <= 0.1 x rpc_sync per op", pipe["torchremote (chain, one get)"] / rpc_sync, 0.1),
+        ("pipelined op <= 25 µs", pipe["torchremote (chain, one get)"], 25),
+        ("synchronous small op <= 2 x websockets ping-pong", remote_sync / ws_pp, 2),
+        (f"{fmt_size(big)} send+get >= websockets echo (ratio >= 1)",
+         tr_curve["torchremote send+get"][big] / tr_curve["websockets echo (1 message)"][big], -1),
+        (f"{fmt_size(big)} send+get >= rpc echo (ratio >= 1)",
+         tr_curve["torchremote send+get"][big] / tr_curve["rpc echo"][big], -1),
+        ("MLP step remote / local <= 1.3", results["training"]["MLP 1024-1024-1024-10, batch 256"]["ratio"], 1.3),
+        (f"{fmt_size(mem['moved_bytes'])} move: client peak extra RSS <= 1.5 x the bytes moved",
+         mem["client_peak_extra_bytes"] / mem["moved_bytes"], 1.5),
+        (f"{fmt_size(mem['moved_bytes'])} move: worker peak extra RSS <= 1.5 x the bytes moved",
+         mem["worker_peak_extra_bytes"] / mem["moved_bytes"], 1.5),
+    ]
+    lines += ["", "### Targets", "", "| target | measured | met |", "| --- | ---: | :---: |"]
+    for name, value, bound in targets:
+        met = value >= 1 if bound == -1 else value <= bound
+        lines.append(f"| {name} | {value:.2f} | {'yes' if met else 'no'} |")
+    results["targets"] = [{"target": n, "value": v, "met": (v >= 1 if b == -1 else v <= b)} for n, v, b in targets]
+    return "\n".join(lines)
+
+
+def plots(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in results["transfer_mib_s"].items():
+        sizes = sorted(curve)
+        ax.plot([s / KiB for s in sizes], [curve[s] for s in sizes], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tensor size (KiB)")
+    ax.set_ylabel("round-trip throughput (MiB/s)")
+    ax.set_title("send + get vs. the peers (loopback)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "transfer.png", dpi=100)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lat = results["latency_us"]
+    ax.barh(list(lat), list(lat.values()))
+    ax.set_xlabel("µs per call (median)")
+    ax.set_title("synchronous small-op latency (loopback)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "latency.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (a smoke run)")
+    args = parser.parse_args()
+    sizes = [KiB, 16 * KiB, 256 * KiB, 4 * MiB, 64 * MiB] + ([] if args.quick else [256 * MiB])
+    move = 64 * MiB if args.quick else GiB
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
+                                f"{psutil.virtual_memory().total / GiB:.0f} GiB, torch {torch.__version__}"}
+    import torch.distributed.rpc as rpc
+    from websockets.sync.client import connect as ws_connect
+
+    port = free_port()
+    procs = []
+    try:
+        worker, url = start(["-m", "torchremote", "worker", "--port", "0"])
+        procs.append(worker)
+        ws_proc, ws_url = start(["-m", "benchmarks.peers", "ws"])
+        tcp_proc, tcp_port = start(["-m", "benchmarks.peers", "tcp"])
+        rpc_proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers", "rpc", str(port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs += [ws_proc, tcp_proc, rpc_proc]
+        peers.rpc_init("bench", 0, port)
+        bob = tr.connect(url)
+        ws = ws_connect(ws_url, compression=None, max_size=None, proxy=None).__enter__()
+        tcp = TcpClient(int(tcp_port))
+        for name, run in (("latency", lambda: latency(bob, ws, tcp, rpc, results)),
+                          ("pipelined", lambda: pipelined(bob, rpc, results)),
+                          ("transfer", lambda: transfer(bob, ws, tcp, rpc, results, sizes)),
+                          ("training", lambda: training(bob, results, 5 if args.quick else 10)),
+                          ("memory", lambda: memory(bob, worker.pid, results, move))):
+            t0 = time.perf_counter()
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            run()
+            print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        bob.close()
+        ws.close()
+        rpc.shutdown()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+    table = report(results)
+    print(table)
+    (RESULTS / "results.md").write_text(table + "\n")
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    plots(results)
+    print(f"\nwrote {RESULTS}/results.md, results.json, transfer.png, latency.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
