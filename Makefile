@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: demo test bench clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# torchremote beside local torch, torch.distributed.rpc, raw websockets and raw TCP; writes
+# benchmarks/results/{results.md,results.json,transfer.png,latency.png}. About 5 minutes on 2 cores.
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
