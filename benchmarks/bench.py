@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import socket
 import statistics
@@ -47,9 +48,9 @@ def per_call(fn, n: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def start(args: list[str]) -> tuple[subprocess.Popen, str]:
+def start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
     return proc, proc.stdout.readline().strip()
 
 
@@ -164,6 +165,26 @@ def pipelined(bob: tr.Worker, rpc, results: dict, chain: int = 2000) -> None:
     }
 
 
+def many_workers(workers: list[tr.Worker], results: dict, ops_each: int = 1500) -> None:
+    """The same work per worker on 1 worker and on 3 at once: do ops to different workers overlap?
+
+    The three workers run single-threaded, so on this 2-core machine perfect overlap gives ~1.5x
+    and a client that waited for each worker in turn would give 3x.
+    """
+    big = torch.randn(256, 256)
+
+    def drive(ws: list[tr.Worker]) -> None:
+        xs = [big.send(w) for w in ws]
+        for _ in range(ops_each):
+            xs = [torch.tanh(x @ x) for x in xs]  # interleaved: one op to each worker in turn
+        for x in xs:
+            x.sum().item()
+
+    one = per_call(lambda: drive(workers[:1]), 1, 3)
+    three = per_call(lambda: drive(workers), 1, 3)
+    results["many_workers"] = {"one_worker_s": one, "three_workers_s": three, "ratio": three / one}
+
+
 def transfer(bob: tr.Worker, ws, tcp: TcpClient, rpc, results: dict, sizes: list[int]) -> None:
     curve: dict[str, dict[int, float]] = {k: {} for k in ("torchremote send+get", "websockets echo (1 message)",
                                                           "rpc echo", "raw TCP echo")}
@@ -275,6 +296,12 @@ def report(results: dict) -> str:
               "| how | µs per op | vs rpc_sync(torch.add) |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {v:.1f} | {v / rpc_sync:.3f}x |" for k, v in pipe.items()]
     sizes = sorted(next(iter(tr_curve.values())))
+    many = results["many_workers"]
+    lines += ["", "### 2b. One client driving three single-threaded workers (the same matmul chain on each, "
+              "interleaved; ~1.5x is perfect overlap on 2 cores, 3x none)", "",
+              "| workers | seconds | vs one worker |", "| --- | ---: | ---: |",
+              f"| 1 | {many['one_worker_s']:.2f} | 1.00x |",
+              f"| 3 | {many['three_workers_s']:.2f} | {many['ratio']:.2f}x |"]
     lines += ["", "### 3. Transfer: round trip of N bytes, MiB/s (both directions counted)", "",
               "| size | " + " | ".join(tr_curve) + " |", "| --- |" + " ---: |" * len(tr_curve)]
     for s in sizes:
@@ -299,6 +326,7 @@ def report(results: dict) -> str:
          tr_curve["torchremote send+get"][big] / tr_curve["websockets echo (1 message)"][big], -1),
         (f"{fmt_size(big)} send+get >= rpc echo (ratio >= 1)",
          tr_curve["torchremote send+get"][big] / tr_curve["rpc echo"][big], -1),
+        ("three workers take < 3 x one worker", many["ratio"], 2.99),
         ("MLP step remote / local <= 1.3", results["training"]["MLP 1024-1024-1024-10, batch 256"]["ratio"], 1.3),
         (f"{fmt_size(mem['moved_bytes'])} move: client peak extra RSS <= 1.5 x the bytes moved",
          mem["client_peak_extra_bytes"] / mem["moved_bytes"], 1.5),
@@ -358,6 +386,9 @@ def main() -> None:
     try:
         worker, url = start(["-m", "torchremote", "worker", "--port", "0"])
         procs.append(worker)
+        extra = [start(["-m", "torchremote", "worker", "--port", "0", "--id", f"w{i}"],
+                       env={"OMP_NUM_THREADS": "1"}) for i in (1, 2, 3)]
+        procs += [p for p, _ in extra]
         ws_proc, ws_url = start(["-m", "benchmarks.peers", "ws"])
         tcp_proc, tcp_port = start(["-m", "benchmarks.peers", "tcp"])
         rpc_proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers", "rpc", str(port)],
@@ -365,10 +396,12 @@ def main() -> None:
         procs += [ws_proc, tcp_proc, rpc_proc]
         peers.rpc_init("bench", 0, port)
         bob = tr.connect(url)
+        others = [tr.connect(u) for _, u in extra]
         ws = ws_connect(ws_url, compression=None, max_size=None, proxy=None).__enter__()
         tcp = TcpClient(int(tcp_port))
         for name, run in (("latency", lambda: latency(bob, ws, tcp, rpc, results)),
                           ("pipelined", lambda: pipelined(bob, rpc, results)),
+                          ("many workers", lambda: many_workers(others, results, 100 if args.quick else 300)),
                           ("transfer", lambda: transfer(bob, ws, tcp, rpc, results, sizes)),
                           ("training", lambda: training(bob, results, 5 if args.quick else 10)),
                           ("memory", lambda: memory(bob, worker.pid, results, move))):
@@ -376,7 +409,8 @@ def main() -> None:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             run()
             print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        bob.close()
+        for w in (bob, *others):
+            w.close()
         ws.close()
         rpc.shutdown()
     finally:
