@@ -11,12 +11,13 @@ from .errors import (ProtocolError, RemoteError, TorchRemoteError, WorkerConnect
                      WorkerPermissionError)
 from .messages import ObjectInfo
 from .server import WorkerServer, start_worker
-from .tensor import RemoteTensor, get, send
+from .module import get, on, send
+from .tensor import RemoteTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get",
+    "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get", "on",
     "TorchRemoteError", "WorkerConnectionError", "WorkerPermissionError", "ProtocolError",
     "RemoteError",
 ]

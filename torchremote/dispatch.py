@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import device as devices
 from . import messages as m
 from . import inference, ops, wire
+from .device import BACKEND
 from .tensor import RemoteTensor
 
 if TYPE_CHECKING:
@@ -36,7 +38,8 @@ def _unflatten(flat: list, spec: Any) -> tuple[tuple, dict]:
     return (tuple(flat), {}) if spec is _FLAT else tree_unflatten(flat, spec)
 
 
-def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
+def dispatch(func: Callable, args: tuple, kwargs: dict, worker: "Worker | None" = None) -> Any:
+    """Run `func` where its RemoteTensors live (or on `worker`, for a factory given its device)."""
     handler = ops.SPECIAL.get(func)
     if handler is not None:
         return handler(func, args, kwargs)
@@ -45,7 +48,7 @@ def dispatch(func: Callable, args: tuple, kwargs: dict) -> Any:
         margs, mkwargs = _unflatten([_stand_in(a) for a in flat], spec)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*margs, **mkwargs)
-    return _remote(func, flat, spec)
+    return _remote(func, flat, spec, worker)
 
 
 def remote_call(func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -53,30 +56,47 @@ def remote_call(func: Callable, args: tuple, kwargs: dict) -> Any:
     return _remote(func, *_flatten(args, kwargs))
 
 
-def _remote(func: Callable, flat: list, spec: Any) -> Any:
-    worker = worker_of(flat)
+def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = None) -> Any:
+    worker = worker_of(flat, worker)
     name = ops.name_of(func)
     if name is None:
-        raise NotImplementedError(
-            f"torchremote cannot run {getattr(func, '__qualname__', func)!r} on a worker: it is not "
-            f"a torch function, Tensor method or ATen op")
+        return _decompose(func, flat, spec)
     return _call(worker, func, name, flat, spec)
 
 
-def worker_of(flat: list) -> "Worker":
-    """The one worker whose tensors an op uses; an error naming both if there are two."""
-    worker = None
+def _decompose(func: Callable, flat: list, spec: Any) -> Any:
+    """A call with no name of its own (`nn.init.*`, `Tensor.new_zeros`, ...) runs here with
+    interception off: its body's ATen ops reach `__torch_dispatch__`, and each of those is named."""
+    if isinstance(func, torch._ops.OpOverload) or ops.is_denied(func):
+        raise NotImplementedError(
+            f"torchremote cannot run {getattr(func, '__qualname__', func)!r} on a worker: it is not "
+            f"a torch function, Tensor method or ATen op it may run")
+    args, kwargs = _unflatten(flat, spec)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+def worker_of(flat: list, worker: "Worker | None" = None) -> "Worker":
+    """The one worker whose tensors (or devices) an op uses; an error naming both if there are two."""
     for a in flat:
         if isinstance(a, RemoteTensor):
-            if worker is None:
-                worker = a._worker
-            elif a._worker is not worker:
-                raise RuntimeError(
-                    f"this op mixes tensors on worker {worker.id!r} ({worker.device}) and worker "
-                    f"{a._worker.id!r} ({a._worker.device}); bring them to one worker first")
+            other = a._worker
+        elif isinstance(a, torch.device) and a.type == BACKEND:
+            other = devices.worker_of(a)
+        else:
+            continue
+        if worker is None:
+            worker = other
+        elif other is not worker:
+            raise RuntimeError(
+                f"this op mixes tensors on worker {worker.id!r} ({worker.device}) and worker "
+                f"{other.id!r} ({other.device}); bring them to one worker first")
     if worker is None:
         raise RuntimeError("no RemoteTensor among the arguments")
     return worker
+
+
+_META = torch.device("meta")
 
 
 def _stand_in(a: Any) -> Any:
@@ -98,6 +118,8 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
                 raise RuntimeError(f"{name}: a meta tensor has no data to send to worker {worker.id!r}")
             metas.append(_meta_like(a))
             nbytes += a.numel() * a.element_size()
+        elif isinstance(a, torch.device) and a.type == BACKEND:
+            metas.append(_META)  # a factory for the worker: inferred on meta
         else:
             wire.check_sendable(a)  # before anything is queued: a bad argument fails alone
             metas.append(a)

@@ -28,7 +28,8 @@ _ATEN_NAMESPACES = ("aten", "prims")
 
 # torch lists these as "ignored" by __torch_function__, yet tensor arguments route them through it.
 # (The rest of that list - set_default_dtype, manual_seed, ... - changes global state: not allowed.)
-_INTERCEPTED_BUT_UNLISTED = (torch.normal, torch.rand_like, torch.randn_like, torch.randint_like)
+_INTERCEPTED_BUT_UNLISTED = (torch.normal, torch.rand_like, torch.randn_like, torch.randint_like,
+                             torch.autograd.grad, torch.autograd.backward)
 
 
 def _build_tables() -> tuple[dict[Any, str], dict[str, Callable]]:
@@ -36,7 +37,7 @@ def _build_tables() -> tuple[dict[Any, str], dict[str, Callable]]:
     by_name: dict[str, Callable] = {}
     for funcs in [*get_overridable_functions().values(), _INTERCEPTED_BUT_UNLISTED]:
         for f in funcs:
-            name = resolve_name(f)
+            name = resolve_name(f) or f"{f.__module__}.{f.__qualname__}"
             if name and not _DENIED.search(name):
                 name_of[f] = name
                 by_name[name] = f
@@ -61,6 +62,11 @@ def name_of(func: Callable) -> str | None:
         if isinstance(descriptor, _GETSET) and descriptor.__objclass__ is _TensorBase:
             name = f"torch.Tensor.{descriptor.__name__}.{func.__name__}"
     return name if name is not None and resolve_or_none(name) is not None else None
+
+
+def is_denied(func: Callable) -> bool:
+    """A callable whose name says it touches storage, hooks, pickling or files."""
+    return bool(_DENIED.search(f"{getattr(func, '__qualname__', '')}.{getattr(func, '__name__', '')}"))
 
 
 def resolve_or_none(name: str) -> Callable | None:

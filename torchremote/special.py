@@ -64,6 +64,14 @@ def _to(func: Any, args: tuple, kwargs: dict) -> Any:
     return x.get().to(*args[1:], **kwargs)  # to a local device: fetch
 
 
+@implements(_T.copy_)
+def _copy(func: Any, args: tuple, kwargs: dict) -> Any:
+    dst, src = args[0], args[1]
+    if not isinstance(dst, RemoteTensor) and isinstance(src, RemoteTensor):
+        return dst.copy_(src.get(), *args[2:], **kwargs)  # into a local tensor: a fetch
+    return remote_call(func, args, kwargs)
+
+
 @implements(_T.__deepcopy__)
 def _deepcopy(func: Any, args: tuple, kwargs: dict) -> RemoteTensor:
     x, memo = args[0], args[1] if len(args) > 1 else kwargs.get("memo")

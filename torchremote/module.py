@@ -1,0 +1,95 @@
+"""Models on a worker: `send`/`get` of whole modules, and `on(worker)` to build them there.
+
+`send(model, worker)` swaps every parameter and buffer for a pointer in place. Parameters stay
+`nn.Parameter`s (a RemoteTensor marked as one, as torch does for tensor subclasses), tied weights
+stay tied, and optimizers created afterwards see the remote parameters. `get(model)` brings them
+all back in place as plain tensors, and the worker frees its copies.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from . import tensor as tensor_module
+from .device import BACKEND
+from .tensor import RemoteTensor
+
+if TYPE_CHECKING:
+    from .client import Worker
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _swap(module: nn.Module, convert) -> None:
+    """Replace every parameter and buffer through `convert`, once per distinct tensor (tied weights)."""
+    done: dict[int, Any] = {}
+    for mod in module.modules():
+        for store, as_param in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                if id(t) not in done:
+                    new = convert(t)
+                    done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if as_param else new
+                store[name] = done[id(t)]
+
+
+def send(obj: Any, worker: "Worker") -> Any:
+    """Send a tensor (returns its pointer) or a module (moved in place, returned) to `worker`."""
+    if isinstance(obj, nn.Module):
+        _swap(obj, lambda t: t if isinstance(t, RemoteTensor) and t._worker is worker
+              else tensor_module.send(t.detach(), worker))
+        return obj
+    return tensor_module.send(obj, worker)
+
+
+def get(obj: Any) -> Any:
+    """Fetch a RemoteTensor (returns a plain tensor) or a module (fetched in place, returned)."""
+    if isinstance(obj, nn.Module):
+        _swap(obj, lambda t: t.get() if isinstance(t, RemoteTensor) else t.detach())
+        return obj
+    return tensor_module.get(obj)
+
+
+class on(TorchFunctionMode):
+    """`with tr.on(worker):` tensors that factories create inside are created on the worker.
+
+    Modules built inside have their weights initialised there: the data never exists locally.
+    """
+
+    def __init__(self, worker: "Worker") -> None:
+        super().__init__()
+        self.worker = worker
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _FACTORIES and kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": self.worker.device}
+        return func(*args, **kwargs)
+
+
+_FACTORIES = frozenset({
+    torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
+    torch.randperm, torch.arange, torch.linspace, torch.logspace, torch.eye, torch.tensor,
+    torch.as_tensor, torch.empty_strided, torch.scalar_tensor, torch.zeros_like, torch.ones_like,
+    torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, torch.randint_like,
+})
+
+
+# --- factories on a `remote` device: torch routes them to the PrivateUse1 key, which lands here ----
+
+def _factory_fallback(keyset: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from .device import worker_of
+    from .dispatch import dispatch
+    device = kwargs.get("device")
+    if device is None or torch.device(device).type != BACKEND:
+        raise NotImplementedError(f"{op} has no implementation for tensors on the '{BACKEND}' device")
+    kwargs = {**kwargs, "device": torch.device(device)}
+    return dispatch(op, args, kwargs, worker=worker_of(device))
+
+
+_library = torch.library.Library("_", "IMPL")
+_library.fallback(_factory_fallback, dispatch_key="PrivateUse1", with_keyset=True)
