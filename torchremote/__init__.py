@@ -12,12 +12,13 @@ from .errors import (ProtocolError, RemoteError, TorchRemoteError, WorkerConnect
 from .messages import ObjectInfo
 from .server import WorkerServer, start_worker
 from .module import get, on, send
+from .remote_code import remote
 from .tensor import RemoteTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get", "on",
+    "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get", "on", "remote",
     "TorchRemoteError", "WorkerConnectionError", "WorkerPermissionError", "ProtocolError",
     "RemoteError",
 ]

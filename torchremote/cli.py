@@ -33,7 +33,7 @@ def _worker(args: argparse.Namespace) -> int:
                               device=args.device, insecure=args.insecure, verbose=args.verbose,
                               log_file=args.log_file, certfile=args.certfile, keyfile=args.keyfile,
                               max_message_bytes=args.max_message_bytes,
-                              max_client_bytes=args.max_client_bytes)
+                              max_client_bytes=args.max_client_bytes, allow_code=args.allow_code)
     except (TorchRemoteError, OSError, ValueError) as e:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
         return 1
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--device", default="cpu", help="where the worker keeps tensors (default: cpu)")
     w.add_argument("--log-file", help="also write the log to this file")
     w.add_argument("--verbose", action="store_true", help="log every command with the peer's address")
+    w.add_argument("--allow-code", action="store_true",
+                   help="let authenticated clients run their own functions here (worker.run, "
+                        "@torchremote.remote): they are unpickled with cloudpickle; needs a token")
     w.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without a token")
     w.set_defaults(run=_worker)

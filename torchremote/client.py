@@ -19,12 +19,14 @@ import websockets
 from websockets.sync.client import connect as ws_connect
 
 from . import device as devices
+from . import remote_code
 from . import messages as m
 from ._transport import WEBSOCKET_OPTIONS, send_chunks
 from .errors import TorchRemoteError, WorkerConnectionError, WorkerPermissionError, from_info
 from .progress import transfer_bar
 from .protocol import ClientProtocol
 from .store import ObjectTable
+from .dispatch import run_remote
 from .tensor import RemoteTensor
 from . import wire
 
@@ -86,6 +88,15 @@ class Worker:
     def manual_seed(self, seed: int) -> None:
         """Seed the worker's random number generator."""
         self._request(m.ManualSeed, int(seed))
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run `fn(*args, **kwargs)` on the worker, whole, in one round trip.
+
+        RemoteTensors in the arguments arrive as the worker's tensors; tensors it returns come back
+        as RemoteTensors, other values as they are. `fn` travels with cloudpickle, so the worker
+        must have been started with --allow-code.
+        """
+        return run_remote(self, fn, args, kwargs)
 
     def sync(self) -> None:
         """Wait until every op sent so far has run; raise the first error among them, if any."""
@@ -173,6 +184,18 @@ class Worker:
             future = self._pending[op_id] = Future()
             self._flush_locked()
         return op_id, self._wait(future, op)
+
+    def _run_sync(self, fn: Any, args: tuple, kwargs: dict, nbytes: int = 0) -> tuple[int, Any]:
+        code = remote_code.dumps(fn)
+        self._check_size(nbytes + len(code), "this function and its local tensors")
+        with self._lock:
+            self._check_open()
+            self._make_room(nbytes + len(code))
+            op_id = self._protocol.run(code, args, kwargs, grad_enabled=torch.is_grad_enabled(),
+                                       nbytes=nbytes)
+            future = self._pending[op_id] = Future()
+            self._flush_locked()
+        return op_id, self._wait(future, "run")
 
     def _fetch(self, ref: m.Ref) -> torch.Tensor:
         return self._request(m.Fetch, ref)

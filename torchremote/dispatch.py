@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import device as devices
 from . import messages as m
-from . import inference, ops, wire
+from . import inference, ops, remote_code, wire
 from .device import BACKEND
 from .tensor import RemoteTensor
 
@@ -58,6 +58,8 @@ def remote_call(func: Callable, args: tuple, kwargs: dict) -> Any:
 
 def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = None) -> Any:
     worker = worker_of(flat, worker)
+    if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._meta.requires_grad for a in flat):
+        remote_code.refuse_inside_custom_function()
     name = ops.name_of(func)
     if name is None:
         return _decompose(func, flat, spec)
@@ -153,6 +155,26 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
 def _call_sync(worker: "Worker", name: str, flat: list, spec: Any, nbytes: int) -> Any:
     args, kwargs = _unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
     op_id, value = worker._call_sync(name, args, kwargs, nbytes)
+    return _rebuild(worker, op_id, value, flat)
+
+
+def run_remote(worker: "Worker", fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """Run a client function on `worker` in one round trip: pointers in, pointers (or values) out."""
+    flat, spec = tree_flatten((args, kwargs))
+    worker = worker_of(flat, worker)
+    nbytes = 0
+    for a in flat:
+        if isinstance(a, torch.Tensor) and not isinstance(a, RemoteTensor):
+            nbytes += a.numel() * a.element_size()
+        elif not isinstance(a, RemoteTensor):
+            wire.check_sendable(a)
+    wire_args, wire_kwargs = tree_unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
+    op_id, value = worker._run_sync(fn, wire_args, wire_kwargs, nbytes)
+    return _rebuild(worker, op_id, value, flat)
+
+
+def _rebuild(worker: "Worker", op_id: int, value: Any, flat: list) -> Any:
+    """RemoteTensors for the tensors in a synchronous reply (the inputs themselves where they were)."""
     inputs = {a._ref: a for a in flat if isinstance(a, RemoteTensor)}
     leaves, out_spec = tree_flatten(value)
     results, k = [], 0

@@ -40,7 +40,7 @@ class Session:
 
     def __init__(self, store: ObjectStore, client_id: str, *, device: torch.device | str = "cpu",
                  peer: str = "", log: logging.Logger | None = None,
-                 max_client_bytes: int | None = None) -> None:
+                 max_client_bytes: int | None = None, allow_code: bool = False) -> None:
         self.store = store
         self.client_id = client_id
         self.device = torch.device(device)
@@ -49,12 +49,13 @@ class Session:
         self.objects = store.open_namespace(client_id)
         self.failed: dict[int, m.ErrorInfo] = {}
         self.max_client_bytes = max_client_bytes
+        self.allow_code = allow_code
         self.held_bytes = 0  # memory behind this client's objects, each storage counted once
         self._storages: dict[int, list[int]] = {}  # storage -> [bytes, objects using it]
         self._handlers: dict[type, Callable[[Any, list], None]] = {
             m.Put: self._put, m.Call: self._call, m.Fetch: self._fetch, m.Release: self._release,
             m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
-            m.Sync: self._sync, m.PutBegin: self._put_begin, m.Chunk: self._chunk,
+            m.Sync: self._sync, m.PutBegin: self._put_begin, m.Chunk: self._chunk, m.Run: self._run_code,
         }
         self._incoming: dict[int, tuple[wire.Assembly, bool]] = {}
 
@@ -201,39 +202,57 @@ class Session:
             t.requires_grad_(True)
         self._hold(m.ClientRef(cmd.op_id, 0), t)
 
+    def _run_code(self, cmd: m.Run, out: list) -> None:
+        self._execute(cmd.op_id, "code sent by the client", lambda: self._unpickle(cmd.code), cmd.args,
+                      cmd.kwargs, cmd.grad_enabled, reply=True, out=out)
+
+    def _unpickle(self, code: bytes) -> Any:
+        if not self.allow_code:
+            raise WorkerPermissionError(
+                "this worker runs torch ops only: running a client's own code (worker.run, @tr.remote) "
+                "needs a worker started with --allow-code (and a token)")
+        import cloudpickle  # only ever imported by a worker whose owner allowed code
+        return cloudpickle.loads(code)
+
     def _call(self, cmd: m.Call, out: list) -> None:
+        self._execute(cmd.op_id, cmd.op, lambda: ops.resolve(cmd.op), cmd.args, cmd.kwargs,
+                      cmd.grad_enabled, reply=cmd.reply, out=out)
+
+    def _execute(self, op_id: int, op: str, load: Callable[[], Callable], wire_args: tuple,
+                 wire_kwargs: dict, grad_enabled: bool, *, reply: bool, out: list) -> None:
+        """Run one op (or client function); its tensor outputs become `ClientRef(op_id, k)`."""
         inputs: dict[int, m.Ref] = {}
-        req_id = cmd.op_id if cmd.reply else None
+        req_id = op_id if reply else None
         try:
-            func = ops.resolve(cmd.op)
-            args = self._resolve(cmd.args, inputs)
-            kwargs = self._resolve(cmd.kwargs, inputs)
-            if cmd.op in _EXTRACTS_DATA and args and isinstance(args[0], torch.Tensor):
+            func = load()
+            args = self._resolve(wire_args, inputs)
+            kwargs = self._resolve(wire_kwargs, inputs)
+            if op in _EXTRACTS_DATA and args and isinstance(args[0], torch.Tensor):
                 self._check_gettable(args[0], inputs.get(id(args[0])))
-            with torch.set_grad_enabled(cmd.grad_enabled):
+            with torch.set_grad_enabled(grad_enabled):
                 result = func(*args, **kwargs)
             leaves = [leaf for leaf in tree_flatten(result)[0] if isinstance(leaf, torch.Tensor)]
-            self._check_room(leaves, cmd.op)
+            self._check_room(leaves, op)
         except _Poisoned as p:  # reported where it happened; only answer if asked
-            self.failed[cmd.op_id] = p.info
-            if cmd.reply:
-                out.append(m.Failure(req_id, cmd.op_id, p.info))
+            self.failed[op_id] = p.info
+            if reply:
+                out.append(m.Failure(req_id, op_id, p.info))
             return
         except Exception as e:
             tb = "" if isinstance(e, WorkerPermissionError) else traceback.format_exc(limit=-4)
-            info = to_info(e, op=cmd.op, tb=tb)
-            self.failed[cmd.op_id] = info
+            info = to_info(e, op=op, tb=tb)
+            self.failed[op_id] = info
             if not isinstance(e, WorkerPermissionError):
-                self.log.debug("%s %s: op %s failed: %s", self.peer, self.client_id, cmd.op, e)
-            out.append(m.Failure(req_id, cmd.op_id, info))
+                self.log.debug("%s %s: op %s failed: %s", self.peer, self.client_id, op, e)
+            out.append(m.Failure(req_id, op_id, info))
             return
         for k, leaf in enumerate(leaves):
-            self._hold(m.ClientRef(cmd.op_id, k), leaf)
-        if cmd.reply:
+            self._hold(m.ClientRef(op_id, k), leaf)
+        if reply:
             try:
                 out.append(m.Reply(req_id, _describe_result(result, inputs)))
             except TypeError as e:
-                out.append(m.Failure(req_id, cmd.op_id, to_info(e, op=cmd.op)))
+                out.append(m.Failure(req_id, op_id, to_info(e, op=op)))
 
     def _fetch(self, cmd: m.Fetch, out: list) -> None:
         try:

@@ -198,6 +198,18 @@ class Chunk:
     data: torch.Tensor  # uint8
 
 
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run a client's own function (cloudpickled) on the worker; answered like `Call(reply=True)`.
+
+    Refused unless the worker was started with --allow-code (which needs a token)."""
+    op_id: int
+    code: bytes
+    args: tuple
+    kwargs: dict
+    grad_enabled: bool = True
+
+
 # --- worker -> client ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +229,7 @@ class Failure:
 # Wire codes: append only, never reuse a number.
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
-    PutBegin, Chunk,
+    PutBegin, Chunk, Run,
 )
 VALUE_TYPES: tuple[type, ...] = (
     TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor,

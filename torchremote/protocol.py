@@ -78,6 +78,13 @@ class ClientProtocol:
         self.pending_bytes += nbytes
         return op_id
 
+    def run(self, code: bytes, args: tuple, kwargs: dict, *, grad_enabled: bool, nbytes: int = 0) -> int:
+        """Queue a client function to run on the worker; answered like a synchronous call."""
+        op_id = self.next_id()
+        self._outbox.append(m.Run(op_id, code, args, kwargs, grad_enabled))
+        self.pending_bytes += nbytes + len(code)
+        return op_id
+
     def request(self, kind: type, *fields: Any) -> int:
         """Queue a request that wants a reply (`Fetch`, `Search`, `ListObjects`, `ManualSeed`, `Sync`)."""
         req_id = self.next_id()
@@ -132,7 +139,7 @@ class ServerProtocol:
     """The worker's end: validates the handshake, decodes command batches, encodes replies."""
 
     _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync,
-                 m.PutBegin, m.Chunk)
+                 m.PutBegin, m.Chunk, m.Run)
 
     def receive_hello(self, data: bytes) -> m.Hello:
         items = wire.decode(data)

@@ -46,12 +46,17 @@ class WorkerServer:
                  token: str | None = None, device: str | torch.device = "cpu",
                  max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES,
                  max_client_bytes: int | None = None, certfile: str | None = None,
-                 keyfile: str | None = None, insecure: bool = False, verbose: bool = False,
-                 log_file: str | None = None) -> None:
+                 keyfile: str | None = None, allow_code: bool = False, insecure: bool = False,
+                 verbose: bool = False, log_file: str | None = None) -> None:
         if token is None and not is_loopback(host) and not insecure:
             raise WorkerPermissionError(
                 f"refusing to listen on {host} without a token: anyone who can reach it could use "
                 f"this machine. Give a token (--token-file or $TORCHREMOTE_TOKEN) or --insecure")
+        if allow_code and token is None:
+            raise WorkerPermissionError(
+                "--allow-code runs code that clients send as this user: it needs a token "
+                "(--token-file or $TORCHREMOTE_TOKEN), so that only clients holding it can")
+        self.allow_code = allow_code
         self.id = id
         self.device = torch.device(device)
         self._token = token.encode() if token is not None else None
@@ -152,7 +157,7 @@ class WorkerServer:
             return
         client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
-                          max_client_bytes=self.max_client_bytes)
+                          max_client_bytes=self.max_client_bytes, allow_code=self.allow_code)
         with self._lock:
             self._connections.add(conn)
         self.log.info("%s connected as %s", peer, client_id)

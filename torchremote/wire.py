@@ -330,6 +330,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.ObjectInfo: (_of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _is_str_tuple, _of(str)),
     m.ChunkedTensor: (_of(torch.dtype), _is_shape, lambda v: v is None or _is_shape(v), _is_int),
     m.PutBegin: (_is_int, _of(m.ChunkedTensor), _of(bool)),
+    m.Run: (_is_int, _of(bytes), _of(tuple), _of(dict), _of(bool)),
     m.Chunk: (_is_int, _is_int, lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
               and v.dim() == 1),
 }
