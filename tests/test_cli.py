@@ -84,3 +84,14 @@ def test_console_script_is_installed():
     assert script.is_file(), "the torchremote console script is not installed (pip install -e .)"
     out = subprocess.run([str(script), "worker", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--token-file" in out.stdout
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("examples/train_mnist_like.py", ["--epochs", "1"], "CNN: weights fetched"),
+    ("examples/remote_gpu.py", [], "parameters live on the box"),
+])
+def test_training_examples_run(script, args, expect):
+    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=170)
+    assert out.returncode == 0, out.stderr
+    assert expect in out.stdout and "test accuracy" in out.stdout or "step 20" in out.stdout

@@ -211,3 +211,12 @@ def test_autograd_features(proc_worker):
             assert torch.equal(r.get(), l.detach())
         else:
             assert r == l
+
+
+def test_send_to_a_device_of_the_worker(proc_worker):
+    model = tr.send(MLP(), proc_worker, device="cpu")
+    assert model(torch.randn(2, 12).send(proc_worker)).shape == (2, 4)
+    with pytest.raises((RuntimeError, AssertionError)):  # this worker has no such device
+        torch.ones(2).send(proc_worker, device="cuda")
+        proc_worker.sync()
+    assert (torch.ones(2).send(proc_worker) + 1).sum().item() == 4.0

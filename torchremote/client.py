@@ -131,7 +131,7 @@ class Worker:
         return f"Worker(id={self.id!r}, url={self.url!r}, device={self.device}, {state})"
 
     # --- used by RemoteTensor and dispatch ---
-    def _put(self, tensor: torch.Tensor) -> RemoteTensor:
+    def _put(self, tensor: torch.Tensor, device: str = "") -> RemoteTensor:
         meta = torch.empty_strided(tensor.shape, wire.strides_after_transfer(tensor),
                                    dtype=tensor.dtype, device="meta")
         if tensor.requires_grad:
@@ -140,16 +140,16 @@ class Worker:
         with self._lock:
             self._check_open()
             if nbytes <= self._chunk_bytes:
-                ref = self._protocol.put(tensor.detach(), tensor.requires_grad)
+                ref = self._protocol.put(tensor.detach(), tensor.requires_grad, device)
                 self._flush_locked()  # the bytes leave now: no snapshot copy; `tensor` may change after
             else:
-                ref = self._put_chunked(tensor)
+                ref = self._put_chunked(tensor, device)
         return RemoteTensor._wrap(meta, self, ref)
 
-    def _put_chunked(self, tensor: torch.Tensor) -> m.ClientRef:
+    def _put_chunked(self, tensor: torch.Tensor, device: str) -> m.ClientRef:
         """A large tensor, one chunk per message: neither side ever holds a second full copy."""
         header, chunks = wire.split_for_transfer(tensor.detach(), self._chunk_bytes)
-        ref = self._protocol.put_begin(header, tensor.requires_grad)
+        ref = self._protocol.put_begin(header, tensor.requires_grad, device)
         self._flush_locked()
         bar = transfer_bar(header.nbytes, f"send to {self.id}")
         try:

@@ -57,7 +57,7 @@ class Session:
             m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
             m.Sync: self._sync, m.PutBegin: self._put_begin, m.Chunk: self._chunk, m.Run: self._run_code,
         }
-        self._incoming: dict[int, tuple[wire.Assembly, bool]] = {}
+        self._incoming: dict[int, tuple[wire.Assembly, bool, str]] = {}
 
     def run(self, commands: list) -> list:
         """Run a batch in order; returns the replies and failures to send back (maybe none)."""
@@ -166,7 +166,7 @@ class Session:
     def _put_begin(self, cmd: m.PutBegin, out: list) -> None:
         try:
             self._check_new_bytes(cmd.header.nbytes, "send")
-            self._incoming[cmd.op_id] = (wire.Assembly(cmd.header), cmd.requires_grad)
+            self._incoming[cmd.op_id] = (wire.Assembly(cmd.header), cmd.requires_grad, cmd.device)
         except Exception as e:
             self.failed[cmd.op_id] = info = to_info(e, op="send")
             out.append(m.Failure(None, cmd.op_id, info))
@@ -177,7 +177,7 @@ class Session:
             if cmd.id not in self.failed:  # chunks of a refused send are dropped quietly
                 out.append(m.Failure(None, cmd.id, to_info(LookupError("a chunk for no pending send"))))
             return
-        assembly, requires_grad = entry
+        assembly, requires_grad, device = entry
         try:
             if not assembly.add(cmd):
                 return
@@ -187,7 +187,12 @@ class Session:
             out.append(m.Failure(None, cmd.id, info))
             return
         del self._incoming[cmd.id]
-        t = assembly.tensor().to(self.device)
+        try:
+            t = assembly.tensor().to(device or self.device)
+        except Exception as e:
+            self.failed[cmd.id] = info = to_info(e, op="send")
+            out.append(m.Failure(None, cmd.id, info))
+            return
         self._hold(m.ClientRef(cmd.id, 0), t.requires_grad_(True) if requires_grad else t)
 
     def _put(self, cmd: m.Put, out: list) -> None:
@@ -197,7 +202,12 @@ class Session:
             self.failed[cmd.op_id] = info = to_info(e, op="send")
             out.append(m.Failure(None, cmd.op_id, info))
             return
-        t = cmd.tensor.to(self.device)
+        try:
+            t = cmd.tensor.to(cmd.device or self.device)
+        except Exception as e:  # a device this worker does not have
+            self.failed[cmd.op_id] = info = to_info(e, op="send")
+            out.append(m.Failure(None, cmd.op_id, info))
+            return
         if cmd.requires_grad:
             t.requires_grad_(True)
         self._hold(m.ClientRef(cmd.op_id, 0), t)

@@ -126,10 +126,11 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Put:
-    """Store `tensor` (sent with this message) as `ClientRef(op_id, 0)`."""
+    """Store `tensor` (sent with this message) as `ClientRef(op_id, 0)`, on `device` if given."""
     op_id: int
     tensor: torch.Tensor
     requires_grad: bool = False
+    device: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +189,7 @@ class PutBegin:
     op_id: int
     header: ChunkedTensor
     requires_grad: bool = False
+    device: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,13 +37,16 @@ def _swap(module: nn.Module, convert) -> None:
                 store[name] = done[id(t)]
 
 
-def send(obj: Any, worker: "Worker") -> Any:
-    """Send a tensor (returns its pointer) or a module (moved in place, returned) to `worker`."""
+def send(obj: Any, worker: "Worker", device: str | torch.device | None = None) -> Any:
+    """Send a tensor (returns its pointer) or a module (moved in place, returned) to `worker`.
+
+    `device` picks where the worker keeps the data ("cuda"); by default, the worker's --device.
+    """
     if isinstance(obj, nn.Module):
         _swap(obj, lambda t: t if isinstance(t, RemoteTensor) and t._worker is worker
-              else tensor_module.send(t.detach(), worker))
+              else tensor_module.send(t.detach(), worker, device))
         return obj
-    return tensor_module.send(obj, worker)
+    return tensor_module.send(obj, worker, device)
 
 
 def get(obj: Any) -> Any:

@@ -54,16 +54,16 @@ class ClientProtocol:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def put(self, tensor: torch.Tensor, requires_grad: bool = False) -> m.ClientRef:
+    def put(self, tensor: torch.Tensor, requires_grad: bool = False, device: str = "") -> m.ClientRef:
         op_id = self.next_id()
-        self._outbox.append(m.Put(op_id, tensor, requires_grad))
+        self._outbox.append(m.Put(op_id, tensor, requires_grad, device))
         self.pending_bytes += tensor.numel() * tensor.element_size()
         return m.ClientRef(op_id, 0)
 
-    def put_begin(self, header: m.ChunkedTensor, requires_grad: bool = False) -> m.ClientRef:
+    def put_begin(self, header: m.ChunkedTensor, requires_grad: bool = False, device: str = "") -> m.ClientRef:
         """Announce a large tensor; send its bytes with `chunk(ref.op_id, ...)`, one per frame."""
         op_id = self.next_id()
-        self._outbox.append(m.PutBegin(op_id, header, requires_grad))
+        self._outbox.append(m.PutBegin(op_id, header, requires_grad, device))
         return m.ClientRef(op_id, 0)
 
     def chunk(self, op_id: int, offset: int, data: torch.Tensor) -> None:

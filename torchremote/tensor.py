@@ -100,13 +100,16 @@ class RemoteTensor(torch.Tensor):
         return dispatch(func, args, kwargs or {})
 
 
-def send(tensor: torch.Tensor, worker: "Worker") -> RemoteTensor:
-    """Copy a local tensor to `worker`; returns the pointer. Also available as `tensor.send(worker)`."""
+def send(tensor: torch.Tensor, worker: "Worker", device: str | torch.device | None = None) -> RemoteTensor:
+    """Copy a local tensor to `worker`; returns the pointer. Also available as `tensor.send(worker)`.
+
+    `device` picks where the worker keeps it ("cuda", "cuda:1"); by default, the worker's --device.
+    """
     if isinstance(tensor, RemoteTensor):
         return tensor.send(worker)
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"send() takes a torch.Tensor, not {type(tensor).__qualname__}")
-    return worker._put(tensor)
+    return worker._put(tensor, str(torch.device(device)) if device is not None else "")
 
 
 def get(tensor: torch.Tensor) -> torch.Tensor:

@@ -313,7 +313,7 @@ def _of(*types: type) -> Any:
 _FIELD_CHECKS: dict[type, tuple] = {
     m.Hello: (_is_int, _of(str), lambda v: v is None or type(v) is str),
     m.Welcome: (_is_int, _of(str), _of(str), _is_int),
-    m.Put: (_is_int, _of(torch.Tensor), _of(bool)),
+    m.Put: (_is_int, _of(torch.Tensor), _of(bool), _of(str)),
     m.Call: (_is_int, _of(str), _of(tuple), _of(dict), _of(bool), _of(bool)),
     m.Fetch: (_is_int, _of(m.ClientRef, m.PublishedRef)),
     m.Release: (lambda v: type(v) is tuple and all(type(r) is m.ClientRef for r in v),),
@@ -329,7 +329,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.PublishedInfo: (_of(m.PublishedRef), _of(m.TensorMeta), _is_str_tuple, _of(str)),
     m.ObjectInfo: (_of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _is_str_tuple, _of(str)),
     m.ChunkedTensor: (_of(torch.dtype), _is_shape, lambda v: v is None or _is_shape(v), _is_int),
-    m.PutBegin: (_is_int, _of(m.ChunkedTensor), _of(bool)),
+    m.PutBegin: (_is_int, _of(m.ChunkedTensor), _of(bool), _of(str)),
     m.Run: (_is_int, _of(bytes), _of(tuple), _of(dict), _of(bool)),
     m.Chunk: (_is_int, _is_int, lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
               and v.dim() == 1),
