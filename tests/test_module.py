@@ -220,3 +220,17 @@ def test_send_to_a_device_of_the_worker(proc_worker):
         torch.ones(2).send(proc_worker, device="cuda")
         proc_worker.sync()
     assert (torch.ones(2).send(proc_worker) + 1).sum().item() == 4.0
+
+
+def test_factories_inside_on_and_with_a_remote_device(proc_worker):
+    x = torch.ones(2).send(proc_worker)
+    with tr.on(proc_worker):
+        made = [torch.zeros(2, 3), torch.arange(4), torch.tensor([1.5, 2.5]), torch.randn(3),
+                torch.as_tensor([[1, 2]]), torch.eye(2)]
+    assert all(isinstance(t, tr.RemoteTensor) for t in made)
+    assert made[2].get().tolist() == [1.5, 2.5] and made[4].get().tolist() == [[1, 2]]
+    outside = [torch.zeros(3, device=x.device), torch.arange(3, device=x.device), x.new_zeros(4),
+               torch.full((2,), 7.0, device=x.device), torch.ones(2).to(x.device)]
+    assert all(isinstance(t, tr.RemoteTensor) and t.device == x.device for t in outside)
+    assert outside[1].get().tolist() == [0, 1, 2] and outside[3].sum().item() == 14.0
+    assert torch.zeros(2).device.type == "cpu"  # outside the block, factories are local again

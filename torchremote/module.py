@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from . import device as devices
 from . import tensor as tensor_module
 from .device import BACKEND
 from .tensor import RemoteTensor
@@ -69,16 +70,23 @@ class on(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _FACTORIES and kwargs.get("device") is None:
+        if func in _FROM_DATA:
+            device = kwargs.get("device")
+            if device is None or torch.device(device).type == BACKEND:
+                # built here from Python data, then sent (torch's own copy path has no remote route)
+                local = func(*args, **{**kwargs, "device": None})
+                worker = self.worker if device is None else devices.worker_of(device)
+                return tensor_module.send(local, worker)
+        elif func in _FACTORIES and kwargs.get("device") is None:
             kwargs = {**kwargs, "device": self.worker.device}
         return func(*args, **kwargs)
 
 
+_FROM_DATA = frozenset({torch.tensor, torch.as_tensor})
 _FACTORIES = frozenset({
     torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
-    torch.randperm, torch.arange, torch.linspace, torch.logspace, torch.eye, torch.tensor,
-    torch.as_tensor, torch.empty_strided, torch.scalar_tensor, torch.zeros_like, torch.ones_like,
-    torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, torch.randint_like,
+    torch.randperm, torch.arange, torch.linspace, torch.logspace, torch.eye, torch.empty_strided,
+    torch.scalar_tensor,
 })
 
 
