@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ class WorkerProcess:
         self.proc.wait(timeout=10)
         self.proc.stdout.close()
         self.proc.stderr.close()
+
+
+@contextmanager
+def connected_worker(*args: str, token: str | None = None):
+    """A `torchremote worker` process and a client connected to it, both cleaned up after."""
+    process = WorkerProcess(*args)
+    client = tr.connect(process.url, token=token)
+    try:
+        yield client
+    finally:
+        client.close()
+        process.stop()
 
 
 @pytest.fixture

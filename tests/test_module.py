@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import math
 
 import pytest
 import torch
@@ -10,16 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchremote as tr
+from conftest import connected_worker
 
 
 @pytest.fixture(scope="module")
 def proc_worker():
-    from conftest import WorkerProcess
-    p = WorkerProcess("--id", "trainer")
-    w = tr.connect(p.url)
-    yield w
-    w.close()
-    p.stop()
+    with connected_worker("--id", "trainer") as w:
+        yield w
 
 
 # --- models written the way people write them ------------------------------------------------------

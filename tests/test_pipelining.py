@@ -55,7 +55,7 @@ def test_queued_ops_travel_as_one_batch(bob, monkeypatch):
     bob.sync()
     spy = Spy(bob, monkeypatch)
     monkeypatch.setattr(bob._wake, "set", lambda: None)  # hold the writer: everything waits for a sync
-    for i in range(300):
+    for _ in range(300):
         x = x + 1
         del_me = x * 2  # noqa: F841  (dropped at once: its release rides along too)
     assert spy.frames == 0

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchremote as tr
-from conftest import WorkerProcess
+from conftest import connected_worker
 
 TOKEN = "code-token"
 
@@ -16,20 +16,14 @@ TOKEN = "code-token"
 def coder(tmp_path_factory):
     token = tmp_path_factory.mktemp("code") / "token"
     token.write_text(TOKEN)
-    p = WorkerProcess("--id", "coder", "--allow-code", "--token-file", str(token))
-    w = tr.connect(p.url, token=TOKEN)
-    yield w
-    w.close()
-    p.stop()
+    with connected_worker("--id", "coder", "--allow-code", "--token-file", str(token), token=TOKEN) as w:
+        yield w
 
 
 @pytest.fixture(scope="module")
 def plain():
-    p = WorkerProcess("--id", "plain")
-    w = tr.connect(p.url)
-    yield w
-    w.close()
-    p.stop()
+    with connected_worker("--id", "plain") as w:
+        yield w
 
 
 def train_step(model_params, x, y, lr):

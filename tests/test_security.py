@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import pickle
 import ssl
-import textwrap
 from pathlib import Path
 
 import msgpack
@@ -184,7 +183,7 @@ def test_per_client_memory_limit(worker_process):
         view = a[:100]                         # views cost nothing more
         assert view.sum().item() == 0.0
         with pytest.raises(tr.WorkerPermissionError, match="max-client-bytes"):
-            b = torch.zeros(1024).send(w)      # 4 KiB more: over
+            torch.zeros(1024).send(w)          # 4 KiB more: over
             w.sync()
         with pytest.raises(tr.WorkerPermissionError, match="max-client-bytes"):
             (a.repeat(3)).sum().item()          # an op's output counts too

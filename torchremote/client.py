@@ -162,7 +162,7 @@ class Worker:
         return ref
 
     def _call(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> int:
-        self._check_size(nbytes, f"the local tensors of {op}")
+        self._check_size(nbytes, op)
         with self._lock:
             self._check_open()
             self._make_room(nbytes)
@@ -175,27 +175,14 @@ class Worker:
         return op_id
 
     def _call_sync(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> tuple[int, Any]:
-        self._check_size(nbytes, f"the local tensors of {op}")
-        with self._lock:
-            self._check_open()
-            self._make_room(nbytes)
-            op_id = self._protocol.call(op, args, kwargs, reply=True,
-                                        grad_enabled=torch.is_grad_enabled(), nbytes=nbytes)
-            future = self._pending[op_id] = Future()
-            self._flush_locked()
-        return op_id, self._wait(future, op)
+        return self._ask(lambda: self._protocol.call(op, args, kwargs, reply=True, nbytes=nbytes,
+                                                     grad_enabled=torch.is_grad_enabled()), op, nbytes)
 
     def _run_sync(self, fn: Any, args: tuple, kwargs: dict, nbytes: int = 0) -> tuple[int, Any]:
         code = remote_code.dumps(fn)
-        self._check_size(nbytes + len(code), "this function and its local tensors")
-        with self._lock:
-            self._check_open()
-            self._make_room(nbytes + len(code))
-            op_id = self._protocol.run(code, args, kwargs, grad_enabled=torch.is_grad_enabled(),
-                                       nbytes=nbytes)
-            future = self._pending[op_id] = Future()
-            self._flush_locked()
-        return op_id, self._wait(future, "run")
+        return self._ask(lambda: self._protocol.run(code, args, kwargs, nbytes=nbytes,
+                                                    grad_enabled=torch.is_grad_enabled()),
+                         "this function and its local tensors", nbytes + len(code))
 
     def _fetch(self, ref: m.Ref) -> torch.Tensor:
         return self._request(m.Fetch, ref)
@@ -216,12 +203,18 @@ class Worker:
 
     # --- I/O ---
     def _request(self, kind: type, *fields: Any) -> Any:
+        return self._ask(lambda: self._protocol.request(kind, *fields), kind.__name__.lower())[1]
+
+    def _ask(self, queue: Any, what: str, nbytes: int = 0) -> tuple[int, Any]:
+        """Queue one command that wants an answer (`queue()`, under the lock), send it, and wait."""
+        self._check_size(nbytes, what)
         with self._lock:
             self._check_open()
-            req_id = self._protocol.request(kind, *fields)
+            self._make_room(nbytes)
+            req_id = queue()
             future = self._pending[req_id] = Future()
             self._flush_locked()
-        return self._wait(future, kind.__name__.lower())
+        return req_id, self._wait(future, what)
 
     def _wait(self, future: Future, what: str) -> Any:
         try:
@@ -241,7 +234,7 @@ class Worker:
         """Local operands travel inside their op's message, so they must fit in one."""
         if nbytes + FRAME_OVERHEAD > self.max_message_bytes:
             raise WorkerPermissionError(
-                f"{what} ({nbytes} bytes) would not fit in one message to worker {self.id!r}, which "
+                f"{what}: {nbytes} bytes of local data would not fit in one message to worker {self.id!r}, which "
                 f"accepts at most {self.max_message_bytes} bytes (--max-message-bytes)")
 
     def _make_room(self, nbytes: int) -> None:
