@@ -230,3 +230,64 @@ def test_factories_inside_on_and_with_a_remote_device(proc_worker):
     assert all(isinstance(t, tr.RemoteTensor) and t.device == x.device for t in outside)
     assert outside[1].get().tolist() == [0, 1, 2] and outside[3].sum().item() == 14.0
     assert torch.zeros(2).device.type == "cpu"  # outside the block, factories are local again
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
+    lambda p: torch.optim.Adam(p, lr=1e-2, foreach=True),
+], ids=["sgd-foreach", "adam-foreach"])
+def test_foreach_optimizers_clip_value_and_optimizer_state(proc_worker, make_opt):
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
+    results = {}
+    for where in ("local", "remote"):
+        torch.manual_seed(0)
+        model = MLP()
+        xs, ys = (x, y)
+        if where == "remote":
+            tr.send(model, proc_worker)
+            xs, ys = x.send(proc_worker), y.send(proc_worker)
+        opt = make_opt(model.parameters())
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xs), ys)
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(model.parameters(), 0.05)
+            opt.step()
+            losses.append(loss.item())
+        state = opt.state_dict()
+        fresh = make_opt(model.parameters())
+        fresh.load_state_dict(state)  # the state (remote tensors, for the remote model) loads back
+        results[where] = (losses, [v for s in state["state"].values() for v in s.values()
+                                   if isinstance(v, torch.Tensor) and v.dim() > 0])
+    torch.testing.assert_close(torch.tensor(results["remote"][0]), torch.tensor(results["local"][0]),
+                               rtol=1e-5, atol=1e-6)
+    for r, l in zip(results["remote"][1], results["local"][1]):
+        assert isinstance(r, tr.RemoteTensor)
+        torch.testing.assert_close(r.get(), l, rtol=1e-5, atol=1e-6)
+
+
+def test_a_warm_training_step_makes_one_round_trip(proc_worker, monkeypatch):
+    model = tr.send(TinyTransformer(), proc_worker)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, 20, (4, 8)).send(proc_worker)
+    target = torch.randint(0, 20, (4,)).send(proc_worker)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(tokens), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    step()  # the first step learns the shapes of things, and where gradients are None
+    asked = []
+    for name in ("_request", "_call_sync"):
+        original = getattr(proc_worker, name)
+        monkeypatch.setattr(proc_worker, name, lambda *a, _o=original, _n=name, **k: (asked.append(a[0]), _o(*a, **k))[1])
+    for _ in range(3):
+        asked.clear()
+        step()
+        assert asked == ["torch.Tensor.item"], asked  # gradients never travel; only the loss value does
