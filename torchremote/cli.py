@@ -42,6 +42,18 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ls(args: argparse.Namespace) -> int:
+    from .client import connect
+    try:
+        with connect(args.url, token=_read_token(args.token_file), name="ls", timeout=args.timeout) as w:
+            print(f"worker {w.id!r} at {w.url}")
+            print(w.objects())
+    except (TorchRemoteError, OSError) as e:
+        print(f"torchremote: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchremote", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without a token")
     w.set_defaults(run=_worker)
+    ls = commands.add_parser("ls", help="print a worker's registry: published data, with tags")
+    ls.add_argument("url", help="the worker's URL, ws://HOST:PORT or wss://...")
+    ls.add_argument("--token-file", help="file holding the worker's token (default: $TORCHREMOTE_TOKEN)")
+    ls.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the worker")
+    ls.set_defaults(run=_ls)
     args = parser.parse_args(argv)
     return args.run(args)
 

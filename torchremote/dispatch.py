@@ -92,7 +92,8 @@ def worker_of(flat: list, worker: "Worker | None" = None) -> "Worker":
         elif other is not worker:
             raise RuntimeError(
                 f"this op mixes tensors on worker {worker.id!r} ({worker.device}) and worker "
-                f"{other.id!r} ({other.device}); bring them to one worker first")
+                f"{other.id!r} ({other.device}); bring them to one worker first, for example "
+                f"with x.move(worker)")
     if worker is None:
         raise RuntimeError("no RemoteTensor among the arguments")
     return worker

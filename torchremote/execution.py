@@ -56,6 +56,7 @@ class Session:
             m.Put: self._put, m.Call: self._call, m.Fetch: self._fetch, m.Release: self._release,
             m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
             m.Sync: self._sync, m.PutBegin: self._put_begin, m.Chunk: self._chunk, m.Run: self._run_code,
+            m.Expect: self._expect, m.Push: self._push, m.Handover: self._handover,
         }
         self._incoming: dict[int, tuple[wire.Assembly, bool, str]] = {}
 
@@ -297,6 +298,33 @@ class Session:
 
     def _sync(self, cmd: m.Sync, out: list) -> None:
         out.append(m.Reply(cmd.req_id, None))
+
+    # --- moves between workers: Expect (at the destination), Push (at the source), Handover ---
+    def _expect(self, cmd: m.Expect, out: list) -> None:
+        out.append(m.Reply(cmd.req_id, self.store.issue_ticket(self.client_id, m.ClientRef(cmd.req_id, 0))))
+
+    def _push(self, cmd: m.Push, out: list) -> None:
+        from .client import connect  # the source acts as a client of the destination
+        try:
+            t = self._tensor(cmd.ref)
+            self._check_gettable(t, cmd.ref)
+            with connect(cmd.url, token=cmd.token, name=f"{self.store.owner}-move") as destination:
+                pointer = destination._put(t.detach())
+                destination._request(m.Handover, pointer._ref, cmd.ticket)
+            out.append(m.Reply(cmd.req_id, None))
+        except _Poisoned as p:
+            out.append(m.Failure(cmd.req_id, None, p.info))
+        except Exception as e:
+            out.append(m.Failure(cmd.req_id, None, to_info(e, op="move")))
+
+    def _handover(self, cmd: m.Handover, out: list) -> None:
+        try:
+            t = self._tensor(cmd.ref)
+            self.store.hand_over(cmd.ticket, t)
+            self._drop(cmd.ref)
+            out.append(m.Reply(cmd.req_id, None))
+        except Exception as e:
+            out.append(m.Failure(cmd.req_id, None, to_info(e, op="move")))
 
 
 def _describe_result(result: Any, inputs: dict[int, m.Ref]) -> Any:

@@ -212,6 +212,32 @@ class Run:
     grad_enabled: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """Ask the destination of a move for a one-time ticket: what arrives with it becomes
+    `ClientRef(req_id, 0)` in this client's namespace. The reply is the ticket."""
+    req_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Ask the source of a move to send `ref` to the worker at `url` itself (the data does not pass
+    through the client), authenticating with `token` there and handing it over to `ticket`."""
+    req_id: int
+    ref: Ref
+    url: str
+    token: str | None
+    ticket: str
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """From a worker pushing a move: give my object `ref` to whoever holds `ticket`."""
+    req_id: int
+    ref: ClientRef
+    ticket: str
+
+
 # --- worker -> client ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +257,7 @@ class Failure:
 # Wire codes: append only, never reuse a number.
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
-    PutBegin, Chunk, Run,
+    PutBegin, Chunk, Run, Expect, Push, Handover,
 )
 VALUE_TYPES: tuple[type, ...] = (
     TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor,

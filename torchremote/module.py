@@ -44,8 +44,8 @@ def send(obj: Any, worker: "Worker", device: str | torch.device | None = None) -
     `device` picks where the worker keeps the data ("cuda"); by default, the worker's --device.
     """
     if isinstance(obj, nn.Module):
-        _swap(obj, lambda t: t if isinstance(t, RemoteTensor) and t._worker is worker
-              else tensor_module.send(t.detach(), worker, device))
+        _swap(obj, lambda t: (t.detach().move(worker) if isinstance(t, RemoteTensor)
+                              else tensor_module.send(t.detach(), worker, device)))
         return obj
     return tensor_module.send(obj, worker, device)
 

@@ -85,8 +85,13 @@ class ClientProtocol:
         self.pending_bytes += nbytes + len(code)
         return op_id
 
+    @property
+    def token(self) -> str | None:
+        return self._token
+
     def request(self, kind: type, *fields: Any) -> int:
-        """Queue a request that wants a reply (`Fetch`, `Search`, `ListObjects`, `ManualSeed`, `Sync`)."""
+        """Queue a request that wants a reply (`Fetch`, `Search`, `ListObjects`, `ManualSeed`, `Sync`,
+        `Expect`, `Push`, `Handover`)."""
         req_id = self.next_id()
         self._outbox.append(kind(req_id, *fields))
         return req_id
@@ -139,7 +144,7 @@ class ServerProtocol:
     """The worker's end: validates the handshake, decodes command batches, encodes replies."""
 
     _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync,
-                 m.PutBegin, m.Chunk, m.Run)
+                 m.PutBegin, m.Chunk, m.Run, m.Expect, m.Push, m.Handover)
 
     def receive_hello(self, data: bytes) -> m.Hello:
         items = wire.decode(data)

@@ -5,6 +5,7 @@ nothing in its namespace. Published data belongs to the owner: no client frees i
 """
 from __future__ import annotations
 
+import secrets
 import threading
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class ObjectStore:
         self._next_pub = 1
         self.published_storages: set[int] = set()  # owned by the owner: never counted to a client
         self.no_get_storages: set[int] = set()     # behind data published with allow_get=False
+        self._tickets: dict[str, tuple[str, m.ClientRef]] = {}  # move tickets -> (client, slot)
 
     # --- published data ---
     def publish(self, tensor: torch.Tensor, tags: tuple[str, ...], description: str,
@@ -84,6 +86,22 @@ class ObjectStore:
     def clients(self) -> list[str]:
         with self._lock:
             return list(self._namespaces)
+
+    # --- moves between workers ---
+    def issue_ticket(self, client_id: str, slot: m.ClientRef) -> str:
+        """A one-time ticket: what is handed over with it lands in `client_id`'s namespace at `slot`."""
+        ticket = secrets.token_urlsafe(24)
+        with self._lock:
+            self._tickets[ticket] = (client_id, slot)
+        return ticket
+
+    def hand_over(self, ticket: str, tensor: torch.Tensor) -> None:
+        with self._lock:
+            entry = self._tickets.pop(ticket, None)
+            namespace = self._namespaces.get(entry[0]) if entry is not None else None
+        if entry is None or namespace is None:
+            raise LookupError("unknown or used move ticket (or its client has disconnected)")
+        namespace[entry[1]] = tensor
 
     # --- the registry ---
     def rows(self, client_id: str | None = None) -> list[m.ObjectInfo]:

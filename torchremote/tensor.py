@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import messages as m
+from . import wire
 from .store import object_id
 
 if TYPE_CHECKING:
@@ -54,11 +55,24 @@ class RemoteTensor(torch.Tensor):
         return self._worker._fetch(self._ref)
 
     def send(self, worker: "Worker") -> "RemoteTensor":
+        """Already on `worker`: itself. On another worker: `move` it there."""
+        return self if worker is self._worker else self.move(worker)
+
+    def move(self, worker: "Worker") -> "RemoteTensor":
+        """A copy of this tensor on `worker`, sent from worker to worker: the data does not pass
+        through this process. The source worker authenticates with `worker`'s token."""
         if worker is self._worker:
             return self
-        raise RuntimeError(
-            f"this tensor lives on worker {self._worker.id!r}; sending it on to {worker.id!r} "
-            f"would route its data through this process: use .get() first")
+        slot, ticket = worker._ask(lambda: worker._protocol.request(m.Expect), "move")
+        # sent after every op queued for the source, so the data it pushes is up to date
+        self._worker._request(m.Push, self._ref, worker.url, worker._protocol.token, ticket)
+        meta = torch.empty_strided(self._meta.shape, wire.strides_after_transfer(self._meta),
+                                   dtype=self._meta.dtype, device="meta")
+        return RemoteTensor._wrap(meta, worker, m.ClientRef(slot, 0))
+
+    def copy(self) -> "RemoteTensor":
+        """A copy on the same worker (`clone()`): changing one leaves the other alone."""
+        return self.clone()
 
     def numpy(self, *, force: bool = False) -> Any:
         """Fetches the data (like `get()`) and returns it as a NumPy array."""

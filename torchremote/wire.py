@@ -331,6 +331,10 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.ChunkedTensor: (_of(torch.dtype), _is_shape, lambda v: v is None or _is_shape(v), _is_int),
     m.PutBegin: (_is_int, _of(m.ChunkedTensor), _of(bool), _of(str)),
     m.Run: (_is_int, _of(bytes), _of(tuple), _of(dict), _of(bool)),
+    m.Expect: (_is_int,),
+    m.Push: (_is_int, _of(m.ClientRef, m.PublishedRef), _of(str), lambda v: v is None or type(v) is str,
+             _of(str)),
+    m.Handover: (_is_int, _of(m.ClientRef), _of(str)),
     m.Chunk: (_is_int, _is_int, lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
               and v.dim() == 1),
 }

@@ -1,0 +1,97 @@
+"""Many workers: direct moves between them, copies, and the owner's view from the command line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchremote as tr
+from conftest import ROOT, connected_worker
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    token = tmp_path_factory.mktemp("move") / "token"
+    token.write_text("dest-token")
+    with connected_worker("--id", "alice") as alice, \
+            connected_worker("--id", "carol", "--token-file", str(token), token="dest-token") as carol:
+        yield alice, carol
+
+
+def test_move_sends_worker_to_worker(pair, monkeypatch):
+    alice, carol = pair
+    t = torch.randn(300, 200).t()
+    x = t.send(alice) * 2
+    fetched = []
+    monkeypatch.setattr(alice, "_fetch", lambda ref: fetched.append(ref))  # no data comes through here
+    y = x.move(carol)
+    monkeypatch.undo()
+    assert fetched == [] and y.worker is carol and y.device == carol.device
+    assert torch.equal(y.get(), t * 2) and torch.equal(x.get(), t * 2)  # a copy: the source keeps x
+    big = torch.randn(3 << 20)                                           # 12 MiB: chunked on the way
+    assert torch.equal(big.send(alice).move(carol).get(), big)
+    assert ((y + 1) * 0).sum().item() == 0.0                             # and computes like any pointer
+
+
+def test_mixing_workers_names_both_and_suggests_move(pair):
+    alice, carol = pair
+    with pytest.raises(RuntimeError, match="'alice'.*'carol'.*move"):
+        torch.ones(2).send(alice) + torch.ones(2).send(carol)
+
+
+def test_send_of_a_remote_model_moves_it(pair):
+    alice, carol = pair
+    torch.manual_seed(0)
+    local = nn.Linear(4, 2)
+    model = tr.send(nn.Linear(4, 2), alice)
+    model.load_state_dict(local.state_dict())
+    tr.send(model, carol)
+    assert all(p.worker is carol for p in model.parameters())
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x.send(carol)).get(), local(x))
+
+
+def test_copy_is_independent(pair):
+    alice, _ = pair
+    x = torch.zeros(3).send(alice)
+    c = x.copy()
+    c.add_(1)
+    assert x.get().tolist() == [0, 0, 0] and c.get().tolist() == [1, 1, 1] and c.worker is alice
+
+
+def test_a_move_ticket_is_single_use_and_needs_the_token(pair):
+    alice, carol = pair
+    from torchremote import messages as m
+    _, ticket = carol._ask(lambda: carol._protocol.request(m.Expect), "move")
+    x = torch.ones(2).send(alice)
+    with pytest.raises(tr.WorkerPermissionError):
+        alice._request(m.Push, x._ref, carol.url, "wrong-token", ticket)
+    alice._request(m.Push, x._ref, carol.url, "dest-token", ticket)
+    with pytest.raises(LookupError, match="ticket"):
+        alice._request(m.Push, x._ref, carol.url, "dest-token", ticket)
+
+
+def test_ls_prints_the_registry(tmp_path):
+    server = tr.start_worker(id="hospital")
+    server.publish(torch.zeros(10, 3), tags=["#train", "#ward-7"], description="vitals", allow_get=False)
+    try:
+        out = subprocess.run([sys.executable, "-m", "torchremote", "ls", server.url], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr
+    assert "worker 'hospital'" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("p1"))
+    assert "#train #ward-7" in row and "(10, 3)" in row and "float32" in row and "120" in row
+
+
+def test_ls_of_nothing_is_a_clear_error():
+    out = subprocess.run([sys.executable, "-m", "torchremote", "ls", "ws://127.0.0.1:9", "--timeout", "2"],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "cannot connect" in out.stderr
