@@ -78,9 +78,14 @@ def test_release_frees_and_unknown_refs_are_clear_errors(pair):
     pair.roundtrip()
     assert len(pair.session.objects) == 1
     req = pair.client.request(m.Fetch, x)
-    pair.client.release(x)  # releases go after the batch's commands: queued ops may still use x
+    pair.client.release(x)  # dropped after the fetch was queued: released after it, same frame
     (reply,) = pair.roundtrip()
     assert reply.req_id == req and pair.session.objects == {}
+    y = pair.client.put(torch.ones(2))
+    pair.client.release(y)  # dropped before the listing was queued: gone before it runs
+    pair.client.request(m.ListObjects)
+    (listing,) = pair.roundtrip()
+    assert listing.value == [] and pair.session.objects == {}
     req = pair.client.request(m.Fetch, x)
     (failure,) = pair.roundtrip()
     assert failure.req_id == req and failure.error.type == "LookupError"

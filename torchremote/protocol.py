@@ -31,7 +31,9 @@ class ClientProtocol:
         self._ids = itertools.count(1)
         self._outbox: list = []
         self.pending_bytes = 0  # tensor bytes queued in the outbox
-        self._releases: collections.deque[m.ClientRef] = collections.deque()
+        self._queued = 0        # commands queued since the start, sent or not
+        # (commands queued when the pointer died, ref): a release goes right after those commands
+        self._releases: collections.deque[tuple[int, m.ClientRef]] = collections.deque()
         self.welcome: m.Welcome | None = None
         self._incoming: dict[int, wire.Assembly] = {}
         # called as on_chunk(req_id, received, total) while a large reply arrives
@@ -56,32 +58,32 @@ class ClientProtocol:
 
     def put(self, tensor: torch.Tensor, requires_grad: bool = False, device: str = "") -> m.ClientRef:
         op_id = self.next_id()
-        self._outbox.append(m.Put(op_id, tensor, requires_grad, device))
+        self._queue(m.Put(op_id, tensor, requires_grad, device))
         self.pending_bytes += tensor.numel() * tensor.element_size()
         return m.ClientRef(op_id, 0)
 
     def put_begin(self, header: m.ChunkedTensor, requires_grad: bool = False, device: str = "") -> m.ClientRef:
         """Announce a large tensor; send its bytes with `chunk(ref.op_id, ...)`, one per frame."""
         op_id = self.next_id()
-        self._outbox.append(m.PutBegin(op_id, header, requires_grad, device))
+        self._queue(m.PutBegin(op_id, header, requires_grad, device))
         return m.ClientRef(op_id, 0)
 
     def chunk(self, op_id: int, offset: int, data: torch.Tensor) -> None:
-        self._outbox.append(m.Chunk(op_id, offset, data))
+        self._queue(m.Chunk(op_id, offset, data))
         self.pending_bytes += data.numel()
 
     def call(self, op: str, args: tuple, kwargs: dict, *, reply: bool, grad_enabled: bool,
              nbytes: int = 0) -> int:
         """Queue op `op` (with `nbytes` of local tensors); returns its id. Output k is `ClientRef(id, k)`."""
         op_id = self.next_id()
-        self._outbox.append(m.Call(op_id, op, args, kwargs, reply, grad_enabled))
+        self._queue(m.Call(op_id, op, args, kwargs, reply, grad_enabled))
         self.pending_bytes += nbytes
         return op_id
 
     def run(self, code: bytes, args: tuple, kwargs: dict, *, grad_enabled: bool, nbytes: int = 0) -> int:
         """Queue a client function to run on the worker; answered like a synchronous call."""
         op_id = self.next_id()
-        self._outbox.append(m.Run(op_id, code, args, kwargs, grad_enabled))
+        self._queue(m.Run(op_id, code, args, kwargs, grad_enabled))
         self.pending_bytes += nbytes + len(code)
         return op_id
 
@@ -93,11 +95,16 @@ class ClientProtocol:
         """Queue a request that wants a reply (`Fetch`, `Search`, `ListObjects`, `ManualSeed`, `Sync`,
         `Expect`, `Push`, `Handover`)."""
         req_id = self.next_id()
-        self._outbox.append(kind(req_id, *fields))
+        self._queue(kind(req_id, *fields))
         return req_id
 
+    def _queue(self, item: Any) -> None:
+        self._outbox.append(item)
+        self._queued += 1
+
     def release(self, ref: m.ClientRef) -> None:
-        self._releases.append(ref)  # deque.append is atomic: safe from __del__ in any thread
+        # deque.append and an int read are atomic: safe from __del__ in any thread, lock or not
+        self._releases.append((self._queued, ref))
 
     @property
     def pending_releases(self) -> int:
@@ -108,13 +115,21 @@ class ClientProtocol:
         return len(self._outbox)
 
     def data_to_send(self) -> Chunks:
-        refs = []
+        """The next frame: queued commands, each release placed after the commands that were
+        queued before its pointer died (a later command cannot name a dead pointer; an earlier may)."""
+        releases = []
         while self._releases:
-            refs.append(self._releases.popleft())
-        items, self._outbox = self._outbox, []
+            releases.append(self._releases.popleft())
+        commands, self._outbox = self._outbox, []
         self.pending_bytes = 0
-        if refs:
-            items.append(m.Release(tuple(refs)))
+        first = self._queued - len(commands)  # the count before this frame's first command
+        items: list = []
+        for position in range(len(commands) + 1):
+            due = tuple(ref for queued, ref in releases if max(queued - first, 0) == position)
+            if due:
+                items.append(m.Release(due))
+            if position < len(commands):
+                items.append(commands[position])
         return wire.encode(items) if items else []
 
     def receive_data(self, data: bytes) -> list:
