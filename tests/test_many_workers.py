@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import torchremote as tr
-from conftest import ROOT, connected_worker
+from conftest import ROOT, WorkerProcess, connected_worker
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,20 @@ def test_ls_of_nothing_is_a_clear_error():
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 1 and "cannot connect" in out.stderr
+
+
+def test_a_dead_worker_fails_its_own_calls_and_not_the_others(pair):
+    _, carol = pair
+    doomed = WorkerProcess("--id", "doomed")
+    try:
+        w = tr.connect(doomed.url)
+        x = torch.ones(2).send(w)
+        assert x.sum().item() == 2.0
+        doomed.proc.kill()
+        with pytest.raises(ConnectionError):
+            for _ in range(100):
+                (x + 1).sum().item()
+        assert (torch.ones(2).send(carol) * 3).sum().item() == 6.0  # the others carry on
+        w.close()
+    finally:
+        doomed.stop()
