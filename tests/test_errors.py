@@ -133,3 +133,20 @@ def test_garbage_frames_get_an_error_and_the_worker_keeps_serving(server):
         assert reply == m.Reply(99, None)
     with tr.connect(server.url) as other:
         assert (torch.ones(2).send(other) * 2).sum().item() == 4.0
+
+
+def test_sparse_results_are_a_clear_error_never_a_hang(bob):
+    x = torch.randn(3, 3).send(bob)
+    with pytest.raises(NotImplementedError, match="to_sparse.*strided"):
+        x.to_sparse()
+    assert (x * 0).sum().item() == 0.0
+
+
+def test_a_worker_side_failure_of_a_waited_call_reaches_the_caller(bob):
+    from torchremote import messages as m
+    # a worker answering a failure under the op's id (not a request id) must still wake the caller
+    from concurrent.futures import Future
+    future = bob._pending[10**9] = Future()
+    bob._deliver(m.Failure(None, 10**9, m.ErrorInfo("RuntimeError", "boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        future.result(timeout=1)

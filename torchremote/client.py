@@ -288,7 +288,8 @@ class Worker:
             + (f": {reason}" if reason is not None else "")))
 
     def _deliver(self, item: Any) -> None:
-        future = self._pending.pop(item.req_id, None) if item.req_id is not None else None
+        key = item.req_id if item.req_id is not None else getattr(item, "op_id", None)
+        future = self._pending.pop(key, None) if key is not None else None
         if isinstance(item, m.Reply):
             if future is not None:
                 future.set_result(item.value)

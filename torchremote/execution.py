@@ -70,7 +70,7 @@ class Session:
             try:
                 self._handlers[type(cmd)](cmd, out)
             except Exception as e:  # a handler's own bug must not take the connection down
-                out.append(m.Failure(getattr(cmd, "req_id", None), None,
+                out.append(m.Failure(_reply_id(cmd), getattr(cmd, "op_id", None),
                                      to_info(e, tb=traceback.format_exc())))
         return out
 
@@ -243,6 +243,11 @@ class Session:
             with torch.set_grad_enabled(grad_enabled):
                 result = func(*args, **kwargs)
             leaves = [leaf for leaf in tree_flatten(result)[0] if isinstance(leaf, torch.Tensor)]
+            for leaf in leaves:
+                if leaf.layout != torch.strided:
+                    raise NotImplementedError(
+                        f"{op} returned a {leaf.layout} tensor: torchremote supports strided tensors "
+                        f"only (convert with .to_dense() on the worker first)")
             self._check_room(leaves, op)
         except _Poisoned as p:  # reported where it happened; only answer if asked
             self.failed[op_id] = p.info
@@ -325,6 +330,13 @@ class Session:
             out.append(m.Reply(cmd.req_id, None))
         except Exception as e:
             out.append(m.Failure(cmd.req_id, None, to_info(e, op="move")))
+
+
+def _reply_id(cmd: Any) -> int | None:
+    """The id a client waits on for this command, if it waits at all."""
+    if isinstance(cmd, m.Run) or isinstance(cmd, m.Call) and cmd.reply:
+        return cmd.op_id
+    return getattr(cmd, "req_id", None)
 
 
 def _describe_result(result: Any, inputs: dict[int, m.Ref]) -> Any:

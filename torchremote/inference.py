@@ -99,8 +99,8 @@ def _run_meta(func: Callable, name: str, metas: list, spec: Any) -> tuple[Plan |
     leaves: list[tuple[int, Any]] = []
     for leaf in out_flat:
         if isinstance(leaf, torch.Tensor):
-            if leaf.device.type != "meta":
-                return None, unchanged
+            if leaf.device.type != "meta" or leaf.layout != torch.strided:
+                return None, unchanged  # the worker answers (or explains) what meta cannot stand in for
             i = position.get(id(leaf))
             leaves.append((IN, i) if i is not None else (NEW, (
                 leaf.shape, leaf.stride(), leaf.storage_offset(), leaf.dtype, leaf.requires_grad)))

@@ -1,0 +1,204 @@
+"""Conformance: every op in PyTorch's OpInfo database, run locally and on a worker process.
+
+    python -m benchmarks.conformance [--dtypes float32,int64,bool,complex64] [--samples 2] [--ops PREFIX]
+
+For each OpInfo entry and each of its function, method and in-place variants: take sample inputs,
+run the call locally and with every tensor of the sample sent to a worker, fetch every output, and
+compare values, dtype and shape (for in-place variants, the mutated input too; for random ops,
+metadata only). A call that fails locally must fail remotely with the same exception type. Prints
+failures grouped by cause and `P/N op variants match (X%)`; writes conformance.json and
+conformance.md under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._pytree import tree_map
+
+import torchremote as tr
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool, "complex64": torch.complex64}
+
+
+def variants(op) -> list[tuple[str, object]]:
+    out = [("function", op.op)]
+    if op.method_variant is not None:
+        out.append(("method", op.method_variant))
+    if op.inplace_variant is not None:
+        out.append(("inplace", op.inplace_variant))
+    return out
+
+
+def pick_dtype(op, wanted: torch.dtype, exact: bool) -> torch.dtype | None:
+    supported = op.supported_dtypes("cpu")
+    if wanted in supported:
+        return wanted
+    if exact or not supported:
+        return None
+    return sorted(supported, key=str)[0]
+
+
+def clone_sample(sample):
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                    (sample.input, sample.args, sample.kwargs))
+
+
+def fetch(value):
+    return tree_map(lambda t: t.get() if isinstance(t, tr.RemoteTensor) else t, value)
+
+
+def is_random(fn, sample) -> bool:
+    results = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        x, args, kwargs = clone_sample(sample)
+        try:
+            results.append(fn(x, *args, **kwargs))
+        except Exception:
+            return False
+    try:
+        torch.testing.assert_close(results[0], results[1], equal_nan=True, rtol=0, atol=0)
+        return False
+    except Exception:
+        return True
+
+
+def compare(remote, local, metadata_only: bool) -> None:
+    remote = fetch(remote)
+    if metadata_only:
+        remote_meta = tree_map(lambda t: (t.shape, t.dtype) if isinstance(t, torch.Tensor) else None, remote)
+        local_meta = tree_map(lambda t: (t.shape, t.dtype) if isinstance(t, torch.Tensor) else None, local)
+        if remote_meta != local_meta:
+            raise AssertionError(f"metadata differs: {remote_meta} != {local_meta}")
+        return
+    torch.testing.assert_close(remote, local, equal_nan=True, check_device=False)
+
+
+def run_variant(worker: tr.Worker, kind: str, fn, samples: list) -> str | None:
+    """None if the variant matches local torch on every sample, else the reason."""
+    for sample in samples:
+        random = is_random(fn, sample)
+        x, args, kwargs = clone_sample(sample)
+        try:
+            torch.manual_seed(0)
+            local = fn(x, *args, **kwargs)
+            local_error = None
+        except Exception as e:
+            local, local_error = None, e
+        rx, rargs, rkwargs = tree_map(lambda t: t.send(worker) if isinstance(t, torch.Tensor) else t,
+                                      clone_sample(sample))
+        try:
+            worker.manual_seed(0)
+            remote = fn(rx, *rargs, **rkwargs)
+            remote_fetched = fetch(remote)
+            if kind == "inplace":
+                remote_input = rx.get() if isinstance(rx, tr.RemoteTensor) else rx
+        except Exception as e:
+            if local_error is not None and isinstance(e, type(local_error)):
+                continue
+            return f"{type(e).__name__}: {e}"
+        if local_error is not None:
+            return f"local raised {type(local_error).__name__}, remote did not"
+        try:
+            compare(remote_fetched, local, random)
+            if kind == "inplace":
+                compare(remote_input, x, random)
+        except Exception as e:
+            return f"mismatch: {type(e).__name__}: {str(e).splitlines()[0]}"
+    return None
+
+
+def cause(reason: str) -> str:
+    reason = reason.split("\n")[0]
+    reason = re.sub(r"\d+", "N", reason)
+    return reason[:110]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,int64,bool,complex64")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--ops", default="", help="only ops whose name starts with one of these (comma list)")
+    parser.add_argument("--verbose", action="store_true", help="name each op as it runs, on stderr")
+    args = parser.parse_args(argv)
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    prefixes = tuple(p for p in args.ops.split(",") if p)
+    ops = [op for op in op_db if not prefixes or op.name.startswith(prefixes)]
+    proc = subprocess.Popen([sys.executable, "-m", "torchremote", "worker", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    worker = tr.connect(proc.stdout.readline().strip())
+    report: dict = {"passes": {}}
+    start = time.perf_counter()
+    try:
+        for pass_name in args.dtypes.split(","):
+            wanted = DTYPES[pass_name]
+            rows = []
+            for op in ops:
+                dtype = pick_dtype(op, wanted, exact=pass_name != "float32")
+                if dtype is None:
+                    continue
+                try:
+                    samples = list(op.sample_inputs("cpu", dtype, requires_grad=False))[: args.samples]
+                except Exception as e:
+                    samples, sample_error = [], e
+                if not samples:
+                    continue
+                if args.verbose:
+                    print(f"  {pass_name} {op.name} {op.variant_test_name}", file=sys.stderr, flush=True)
+                for kind, fn in variants(op):
+                    name = f"{op.name}{'.' + op.variant_test_name if op.variant_test_name else ''} ({kind})"
+                    try:
+                        reason = run_variant(worker, kind, fn, samples)
+                    except tr.WorkerConnectionError:
+                        raise
+                    except Exception as e:  # a failure of the runner's own bookkeeping
+                        reason = f"runner: {type(e).__name__}: {e}"
+                    rows.append({"variant": name, "dtype": str(dtype), "ok": reason is None, "reason": reason})
+            report["passes"][pass_name] = rows
+            ok = sum(r["ok"] for r in rows)
+            print(f"{pass_name}: {ok}/{len(rows)} op variants match ({100 * ok / max(len(rows), 1):.1f}%)",
+                  flush=True)
+    finally:
+        worker.close()
+        proc.kill()
+        proc.wait()
+    lines = ["# Conformance against PyTorch's OpInfo database", "",
+             f"torch {torch.__version__}; up to {args.samples} samples per op; worker in a separate process; "
+             f"{time.perf_counter() - start:.0f} s.", "", "| dtype pass | matching | total | % |",
+             "| --- | ---: | ---: | ---: |"]
+    for pass_name, rows in report["passes"].items():
+        ok = sum(r["ok"] for r in rows)
+        lines.append(f"| {pass_name} | {ok} | {len(rows)} | {100 * ok / max(len(rows), 1):.1f} |")
+    for pass_name, rows in report["passes"].items():
+        failures = [r for r in rows if not r["ok"]]
+        if not failures:
+            continue
+        lines += ["", f"## {pass_name}: failures by cause", "", "| cause | count | variants |", "| --- | ---: | --- |"]
+        groups = collections.defaultdict(list)
+        for r in failures:
+            groups[cause(r["reason"])].append(r["variant"])
+        for c, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"| {c.replace('|', '/')} | {len(names)} | {', '.join(names[:6])}{' ...' if len(names) > 6 else ''} |")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "conformance.md").write_text(text + "\n")
+    (RESULTS / "conformance.json").write_text(json.dumps(report, indent=1) + "\n")
+    rows = report["passes"].get("float32", [])
+    ok = sum(r["ok"] for r in rows)
+    print(f"{ok}/{len(rows)} op variants match ({100 * ok / max(len(rows), 1):.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
