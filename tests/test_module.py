@@ -226,9 +226,11 @@ def test_factories_inside_on_and_with_a_remote_device(proc_worker):
     assert all(isinstance(t, tr.RemoteTensor) for t in made)
     assert made[2].get().tolist() == [1.5, 2.5] and made[4].get().tolist() == [[1, 2]]
     outside = [torch.zeros(3, device=x.device), torch.arange(3, device=x.device), x.new_zeros(4),
-               torch.full((2,), 7.0, device=x.device), torch.ones(2).to(x.device)]
+               torch.full((2,), 7.0, device=x.device), torch.ones(2).to(x.device),
+               torch.tensor([[1, 2]], device=x.device)]
     assert all(isinstance(t, tr.RemoteTensor) and t.device == x.device for t in outside)
     assert outside[1].get().tolist() == [0, 1, 2] and outside[3].sum().item() == 14.0
+    assert outside[5].get().tolist() == [[1, 2]]
     assert torch.zeros(2).device.type == "cpu"  # outside the block, factories are local again
 
 

@@ -9,6 +9,7 @@ exception. Errors the meta run cannot see surface at the next synchronisation, a
 """
 from __future__ import annotations
 
+import types
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -61,20 +62,38 @@ def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = Non
     if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._meta.requires_grad for a in flat):
         remote_code.refuse_inside_custom_function()
     name = ops.name_of(func)
-    if name is None:
+    if name is None or (isinstance(func, types.FunctionType) and not all(map(_sendable, flat))):
+        # no name, or a Python function given an argument that cannot travel (a module, an options
+        # object): run it here, op by op, each of its ATen ops on the worker
         return _decompose(func, flat, spec)
     return _call(worker, func, name, flat, spec)
+
+
+def _sendable(a: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(a, torch.device) and a.type == BACKEND:
+        return True
+    try:
+        wire.check_sendable(a)
+        return True
+    except wire.EncodeError:
+        return False
 
 
 def _decompose(func: Callable, flat: list, spec: Any) -> Any:
     """A call with no name of its own (`nn.init.*`, `Tensor.new_zeros`, ...) runs here with
     interception off: its body's ATen ops reach `__torch_dispatch__`, and each of those is named."""
-    if isinstance(func, torch._ops.OpOverload) or ops.is_denied(func):
-        raise NotImplementedError(
-            f"torchremote cannot run {getattr(func, '__qualname__', func)!r} on a worker: it is not "
-            f"a torch function, Tensor method or ATen op it may run")
+    refusal = NotImplementedError(
+        f"torchremote cannot run {getattr(func, '__qualname__', func)!r} on a worker: it is not a "
+        f"torch function, Tensor method or ATen op it may run, and has no decomposition into them")
+    if ops.is_denied(func):
+        raise refusal
     args, kwargs = _unflatten(flat, spec)
     with torch._C.DisableTorchFunctionSubclass():
+        if isinstance(func, torch._ops.OpOverload):  # an op outside aten: its composite decomposition
+            result = func.decompose(*args, **kwargs)
+            if result is NotImplemented:
+                raise refusal
+            return result
         return func(*args, **kwargs)
 
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from . import device as devices
 from . import tensor as tensor_module
 from .device import BACKEND
 from .tensor import RemoteTensor
@@ -70,23 +69,15 @@ class on(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _FROM_DATA:
-            device = kwargs.get("device")
-            if device is None or torch.device(device).type == BACKEND:
-                # built here from Python data, then sent (torch's own copy path has no remote route)
-                local = func(*args, **{**kwargs, "device": None})
-                worker = self.worker if device is None else devices.worker_of(device)
-                return tensor_module.send(local, worker)
-        elif func in _FACTORIES and kwargs.get("device") is None:
+        if func in _FACTORIES and kwargs.get("device") is None:
             kwargs = {**kwargs, "device": self.worker.device}
         return func(*args, **kwargs)
 
 
-_FROM_DATA = frozenset({torch.tensor, torch.as_tensor})
 _FACTORIES = frozenset({
     torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
     torch.randperm, torch.arange, torch.linspace, torch.logspace, torch.eye, torch.empty_strided,
-    torch.scalar_tensor,
+    torch.scalar_tensor, torch.tensor, torch.as_tensor,
 })
 
 
@@ -102,5 +93,15 @@ def _factory_fallback(keyset: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     return dispatch(op, args, kwargs, worker=worker_of(device))
 
 
+def _copy(dst: Any, src: Any, non_blocking: bool = False) -> Any:
+    from .dispatch import dispatch
+    return dispatch(torch.ops.aten.copy_.default, (dst, src), {"non_blocking": non_blocking})
+
+
 _library = torch.library.Library("_", "IMPL")
 _library.fallback(_factory_fallback, dispatch_key="PrivateUse1", with_keyset=True)
+# Copies into a remote tensor get kernels of their own: `torch.tensor(data, device=remote:i)` copies
+# with the Python dispatch key excluded, where the fallback cannot be reached.
+_aten = torch.library.Library("aten", "IMPL")
+_aten.impl("copy_", _copy, "PrivateUse1")
+_aten.impl("_copy_from", lambda src, dst, non_blocking=False: _copy(dst, src, non_blocking), "PrivateUse1")

@@ -55,7 +55,7 @@ def _cpu(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
 @implements(_T.to)
 def _to(func: Any, args: tuple, kwargs: dict) -> Any:
     x = args[0]
-    device, *_ = torch._C._nn._parse_to(*args[1:], **kwargs)
+    device = _target_device(args[1:], kwargs)
     if device is None or device == x._worker.device:
         return remote_call(func, args, kwargs)
     if device.type == BACKEND:
@@ -70,6 +70,16 @@ def _copy(func: Any, args: tuple, kwargs: dict) -> Any:
     if not isinstance(dst, RemoteTensor) and isinstance(src, RemoteTensor):
         return dst.copy_(src.get(), *args[2:], **kwargs)  # into a local tensor: a fetch
     return remote_call(func, args, kwargs)
+
+
+def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
+    """Where `.to(...)` sends a tensor: a device, a device string, or another tensor's device."""
+    for a in (*args, kwargs.get("device"), kwargs.get("other")):
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (torch.device, str)):
+            return torch.device(a)
+    return None
 
 
 @implements(_T.__deepcopy__)

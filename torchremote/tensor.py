@@ -123,6 +123,9 @@ def send(tensor: torch.Tensor, worker: "Worker", device: str | torch.device | No
         return tensor.send(worker)
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"send() takes a torch.Tensor, not {type(tensor).__qualname__}")
+    if tensor.layout != torch.strided:
+        raise NotImplementedError(f"send() of a {tensor.layout} tensor: torchremote supports strided "
+                                  f"tensors only (send tensor.to_dense())")
     return worker._put(tensor, str(torch.device(device)) if device is not None else "")
 
 
