@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench conformance clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ $(BENCH_STAMP): $(STAMP)
 # benchmarks/results/{results.md,results.json,transfer.png,latency.png}. About 5 minutes on 2 cores.
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.bench
+
+# every op in PyTorch's OpInfo database, locally and on a worker: float32, int64, bool and complex64
+# passes; writes benchmarks/results/conformance.{md,json}. A few minutes on 2 cores.
+conformance: $(STAMP)
+	$(PY) -m benchmarks.conformance
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
