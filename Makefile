@@ -30,7 +30,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.bench
 
 # every op in PyTorch's OpInfo database, locally and on a worker: float32, int64, bool and complex64
-# passes; writes benchmarks/results/conformance.{md,json}. A few minutes on 2 cores.
+# passes; writes benchmarks/results/conformance.{md,json}. About a minute on 2 cores.
 conformance: $(STAMP)
 	$(PY) -m benchmarks.conformance
 
