@@ -80,8 +80,9 @@ def _sendable(a: Any) -> bool:
 
 
 def _decompose(func: Callable, flat: list, spec: Any) -> Any:
-    """A call with no name of its own (`nn.init.*`, `Tensor.new_zeros`, ...) runs here with
-    interception off: its body's ATen ops reach `__torch_dispatch__`, and each of those is named."""
+    """A call with no name of its own (`nn.init.*`, `Tensor.new_zeros`, a custom op's composite
+    kernel), or a Python function given an argument that cannot travel, runs here with interception
+    off: its body's ATen ops reach `__torch_dispatch__`, and each of those is named and sent."""
     refusal = NotImplementedError(
         f"torchremote cannot run {getattr(func, '__qualname__', func)!r} on a worker: it is not a "
         f"torch function, Tensor method or ATen op it may run, and has no decomposition into them")
