@@ -83,10 +83,6 @@ class ObjectStore:
         namespace.clear()
         return count
 
-    def clients(self) -> list[str]:
-        with self._lock:
-            return list(self._namespaces)
-
     # --- moves between workers ---
     def issue_ticket(self, client_id: str, slot: m.ClientRef) -> str:
         """A one-time ticket: what is handed over with it lands in `client_id`'s namespace at `slot`."""
