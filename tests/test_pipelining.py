@@ -54,12 +54,12 @@ def test_queued_ops_travel_as_one_batch(bob, monkeypatch):
     x = torch.zeros(4).send(bob)
     bob.sync()
     spy = Spy(bob, monkeypatch)
-    monkeypatch.setattr(bob._wake, "set", lambda: None)  # hold the writer: everything waits for a sync
-    for _ in range(300):
-        x = x + 1
-        del_me = x * 2  # noqa: F841  (dropped at once: its release rides along too)
-    assert spy.frames == 0
-    assert x.get().equal(torch.full((4,), 300.))
+    with bob._lock:  # the writer thread cannot send meanwhile; this thread can (the lock is reentrant)
+        for _ in range(300):
+            x = x + 1
+            del_me = x * 2  # noqa: F841  (dropped at once: its release rides along too)
+        assert spy.frames == 0
+        assert x.get().equal(torch.full((4,), 300.))
     assert spy.frames == 1  # 600 ops, their releases and the fetch: one message
 
 
