@@ -132,10 +132,7 @@ class Worker:
 
     # --- used by RemoteTensor and dispatch ---
     def _put(self, tensor: torch.Tensor, device: str = "") -> RemoteTensor:
-        meta = torch.empty_strided(tensor.shape, wire.strides_after_transfer(tensor),
-                                   dtype=tensor.dtype, device="meta")
-        if tensor.requires_grad:
-            meta.requires_grad_(True)
+        meta = wire.meta_after_transfer(tensor).empty_meta()
         nbytes = tensor.numel() * tensor.element_size()
         with self._lock:
             self._check_open()

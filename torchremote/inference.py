@@ -14,13 +14,16 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .messages import TensorMeta
+
 MAX_ENTRIES = 65536
 
 IN, NEW, VALUE = 0, 1, 2
 
 
 class Plan:
-    """The outputs of a call: `IN` (the i-th flat input itself), `NEW` (a new tensor), `VALUE`."""
+    """The outputs of a call: `IN` (the i-th flat input itself), `NEW` (a new tensor, its
+    `TensorMeta`), `VALUE`."""
 
     __slots__ = ("spec", "leaves", "outputs")
 
@@ -32,11 +35,7 @@ class Plan:
     def new_meta(self, position: int) -> torch.Tensor:
         if self.outputs is not None:
             return self.outputs[position]
-        shape, stride, offset, dtype, requires_grad = self.leaves[position][1]
-        t = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-        if offset:
-            t = t.as_strided(shape, stride, offset)
-        return t.requires_grad_(True) if requires_grad else t
+        return self.leaves[position][1].empty_meta()
 
 
 _SYNC = object()
@@ -102,8 +101,7 @@ def _run_meta(func: Callable, name: str, metas: list, spec: Any) -> tuple[Plan |
             if leaf.device.type != "meta" or leaf.layout != torch.strided:
                 return None, unchanged  # the worker answers (or explains) what meta cannot stand in for
             i = position.get(id(leaf))
-            leaves.append((IN, i) if i is not None else (NEW, (
-                leaf.shape, leaf.stride(), leaf.storage_offset(), leaf.dtype, leaf.requires_grad)))
+            leaves.append((IN, i) if i is not None else (NEW, TensorMeta.of(leaf)))
         elif leaf is None and not name.endswith("__get__"):  # a property (x.grad) can differ from meta
             leaves.append((VALUE, None))
         else:

@@ -66,8 +66,7 @@ class RemoteTensor(torch.Tensor):
         slot, ticket = worker._ask(lambda: worker._protocol.request(m.Expect), "move")
         # sent after every op queued for the source, so the data it pushes is up to date
         self._worker._request(m.Push, self._ref, worker.url, worker._protocol.token, ticket)
-        meta = torch.empty_strided(self._meta.shape, wire.strides_after_transfer(self._meta),
-                                   dtype=self._meta.dtype, device="meta")
+        meta = wire.meta_after_transfer(self._meta.detach()).empty_meta()  # a leaf, as the source sends it
         return RemoteTensor._wrap(meta, worker, m.ClientRef(slot, 0))
 
     def copy(self) -> "RemoteTensor":

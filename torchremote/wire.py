@@ -81,6 +81,11 @@ def strides_after_transfer(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
+def meta_after_transfer(t: torch.Tensor) -> m.TensorMeta:
+    """The metadata `t` has once it arrives on the other side (laid out as `t.clone()` would be)."""
+    return m.TensorMeta(tuple(t.shape), tuple(strides_after_transfer(t)), 0, t.dtype, t.requires_grad)
+
+
 def _raw_view(t: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
     """A contiguous tensor holding `t`'s elements in memory order, and the permutation to undo."""
     t = t.detach()
