@@ -71,6 +71,10 @@ def test_unsendable_arguments_fail_alone_and_lose_nothing_queued(bob):
         x[0] = object()
     with pytest.raises(TypeError, match="64 bits"):
         x.add(2**70)
+    with pytest.raises(TypeError, match="sparse"):
+        x.add(torch.ones(2).to_sparse())  # a local operand the wire cannot carry
+    with pytest.raises(TypeError, match="dtype"):
+        torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8).send(bob)
     assert y.get().equal(torch.full((2,), 5.))
 
 

@@ -62,21 +62,27 @@ def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = Non
     if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._meta.requires_grad for a in flat):
         remote_code.refuse_inside_custom_function()
     name = ops.name_of(func)
-    if name is None or (isinstance(func, types.FunctionType) and not all(map(_sendable, flat))):
-        # no name, or a Python function given an argument that cannot travel (a module, an options
-        # object): run it here, op by op, each of its ATen ops on the worker
+    if name is None:
+        return _decompose(func, flat, spec)
+    try:
+        _check_sendable(name, worker, flat)
+    except wire.EncodeError:
+        if not isinstance(func, types.FunctionType):
+            raise
+        # a Python function given an argument that cannot travel (a module, an options object):
+        # run it here, op by op, each of its ATen ops on the worker
         return _decompose(func, flat, spec)
     return _call(worker, func, name, flat, spec)
 
 
-def _sendable(a: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(a, torch.device) and a.type == BACKEND:
-        return True
-    try:
+def _check_sendable(name: str, worker: "Worker", flat: list) -> None:
+    """Every argument checked before anything is queued: a bad one fails alone, losing nothing."""
+    for a in flat:
+        if isinstance(a, RemoteTensor) or isinstance(a, torch.device) and a.type == BACKEND:
+            continue
+        if isinstance(a, torch.Tensor) and a.device.type == "meta":
+            raise RuntimeError(f"{name}: a meta tensor has no data to send to worker {worker.id!r}")
         wire.check_sendable(a)
-        return True
-    except wire.EncodeError:
-        return False
 
 
 def _decompose(func: Callable, flat: list, spec: Any) -> Any:
@@ -137,14 +143,11 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
         if isinstance(a, RemoteTensor):
             metas.append(a._meta)
         elif isinstance(a, torch.Tensor):
-            if a.device.type == "meta":
-                raise RuntimeError(f"{name}: a meta tensor has no data to send to worker {worker.id!r}")
             metas.append(_meta_like(a))
             nbytes += a.numel() * a.element_size()
         elif isinstance(a, torch.device) and a.type == BACKEND:
             metas.append(_META)  # a factory for the worker: inferred on meta
         else:
-            wire.check_sendable(a)  # before anything is queued: a bad argument fails alone
             metas.append(a)
     plan = inference.plan(func, name, metas, spec)
     if plan is None:
@@ -183,12 +186,9 @@ def run_remote(worker: "Worker", fn: Callable, args: tuple, kwargs: dict) -> Any
     """Run a client function on `worker` in one round trip: pointers in, pointers (or values) out."""
     flat, spec = tree_flatten((args, kwargs))
     worker = worker_of(flat, worker)
-    nbytes = 0
-    for a in flat:
-        if isinstance(a, torch.Tensor) and not isinstance(a, RemoteTensor):
-            nbytes += a.numel() * a.element_size()
-        elif not isinstance(a, RemoteTensor):
-            wire.check_sendable(a)
+    _check_sendable(getattr(fn, "__qualname__", "run"), worker, flat)
+    nbytes = sum(a.numel() * a.element_size() for a in flat
+                 if isinstance(a, torch.Tensor) and not isinstance(a, RemoteTensor))
     wire_args, wire_kwargs = tree_unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
     op_id, value = worker._run_sync(fn, wire_args, wire_kwargs, nbytes)
     return _rebuild(worker, op_id, value, flat)

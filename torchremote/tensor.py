@@ -125,6 +125,7 @@ def send(tensor: torch.Tensor, worker: "Worker", device: str | torch.device | No
     if tensor.layout != torch.strided:
         raise NotImplementedError(f"send() of a {tensor.layout} tensor: torchremote supports strided "
                                   f"tensors only (send tensor.to_dense())")
+    wire.check_sendable(tensor)  # before it is queued with others: a bad tensor fails alone
     return worker._put(tensor, str(torch.device(device)) if device is not None else "")
 
 

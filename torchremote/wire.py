@@ -191,25 +191,31 @@ class _Encoder:
         raise EncodeError(f"torchremote cannot send a value of type {type(obj).__qualname__}")
 
     def add_tensor(self, t: torch.Tensor) -> int:
-        if t.layout != torch.strided:
-            raise EncodeError(f"torchremote cannot send {t.layout} tensors yet; only strided tensors")
-        if t.device.type == "meta":
-            raise EncodeError("torchremote cannot send a meta tensor: it has no data")
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in DTYPES:
-            raise EncodeError(f"torchremote cannot send tensors of dtype {t.dtype}")
+        _check_tensor(t)
         raw, perm = _raw_view(t)
-        self.table.append([dtype, list(t.shape), perm])
+        self.table.append([str(t.dtype).removeprefix("torch."), list(t.shape), perm])
         self.buffers.append(_bytes_of(raw))
         return len(self.table) - 1
 
 
 _SENDABLE = (type(None), bool, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
-             torch.memory_format, torch.layout, torch.Tensor, m.ClientRef, m.PublishedRef, type(Ellipsis))
+             torch.memory_format, torch.layout, m.ClientRef, m.PublishedRef, type(Ellipsis))
+
+
+def _check_tensor(t: torch.Tensor) -> None:
+    if t.layout != torch.strided:
+        raise EncodeError(f"torchremote cannot send {t.layout} tensors yet; only strided tensors")
+    if t.device.type == "meta":
+        raise EncodeError("torchremote cannot send a meta tensor: it has no data")
+    if str(t.dtype).removeprefix("torch.") not in DTYPES:
+        raise EncodeError(f"torchremote cannot send tensors of dtype {t.dtype}")
 
 
 def check_sendable(value: Any) -> None:
-    """Raise `EncodeError` now for a flattened argument the wire could not carry later."""
+    """Raise `EncodeError` now for an argument the wire could not carry when its batch is sent
+    (by then, other queued commands would go down with it)."""
+    if isinstance(value, torch.Tensor):
+        return _check_tensor(value)
     if isinstance(value, _SENDABLE):
         return
     if isinstance(value, int):
