@@ -276,9 +276,7 @@ class Worker:
             for data in self._ws:
                 for item in self._protocol.receive_data(data):
                     self._deliver(item)
-        except websockets.ConnectionClosed as e:
-            reason = e
-        except Exception as e:  # a protocol error or a torn socket: the connection is unusable
+        except Exception as e:  # closed, torn, or a protocol error: the connection is unusable
             reason = e
         self._shutdown(WorkerConnectionError(
             f"lost the connection to worker {self.id!r} at {self.url}"

@@ -169,8 +169,7 @@ class Session:
             self._check_new_bytes(cmd.header.nbytes, "send")
             self._incoming[cmd.op_id] = (wire.Assembly(cmd.header), cmd.requires_grad, cmd.device)
         except Exception as e:
-            self.failed[cmd.op_id] = info = to_info(e, op="send")
-            out.append(m.Failure(None, cmd.op_id, info))
+            self._send_failed(cmd.op_id, e, out)
 
     def _chunk(self, cmd: m.Chunk, out: list) -> None:
         entry = self._incoming.get(cmd.id)
@@ -184,34 +183,33 @@ class Session:
                 return
         except Exception as e:
             del self._incoming[cmd.id]
-            self.failed[cmd.id] = info = to_info(e, op="send")
-            out.append(m.Failure(None, cmd.id, info))
+            self._send_failed(cmd.id, e, out)
             return
         del self._incoming[cmd.id]
-        try:
-            t = assembly.tensor().to(device or self.device)
-        except Exception as e:
-            self.failed[cmd.id] = info = to_info(e, op="send")
-            out.append(m.Failure(None, cmd.id, info))
-            return
-        self._hold(m.ClientRef(cmd.id, 0), t.requires_grad_(True) if requires_grad else t)
+        self._store_sent(cmd.id, assembly.tensor(), device, requires_grad, out)
 
     def _put(self, cmd: m.Put, out: list) -> None:
         try:
             self._check_room([cmd.tensor], "put")
         except WorkerPermissionError as e:
-            self.failed[cmd.op_id] = info = to_info(e, op="send")
-            out.append(m.Failure(None, cmd.op_id, info))
+            self._send_failed(cmd.op_id, e, out)
             return
+        self._store_sent(cmd.op_id, cmd.tensor, cmd.device, cmd.requires_grad, out)
+
+    def _store_sent(self, op_id: int, tensor: torch.Tensor, device: str, requires_grad: bool,
+                    out: list) -> None:
+        """Where a send ends, whole or chunked: on the device asked for, as `ClientRef(op_id, 0)`."""
         try:
-            t = cmd.tensor.to(cmd.device or self.device)
+            t = tensor.to(device or self.device)
         except Exception as e:  # a device this worker does not have
-            self.failed[cmd.op_id] = info = to_info(e, op="send")
-            out.append(m.Failure(None, cmd.op_id, info))
+            self._send_failed(op_id, e, out)
             return
-        if cmd.requires_grad:
-            t.requires_grad_(True)
-        self._hold(m.ClientRef(cmd.op_id, 0), t)
+        self._hold(m.ClientRef(op_id, 0), t.requires_grad_(True) if requires_grad else t)
+
+    def _send_failed(self, op_id: int, error: Exception, out: list) -> None:
+        """A send that failed: later ops on its pointer fail with this error, reported once."""
+        self.failed[op_id] = info = to_info(error, op="send")
+        out.append(m.Failure(None, op_id, info))
 
     def _run_code(self, cmd: m.Run, out: list) -> None:
         self._execute(cmd.op_id, "code sent by the client", lambda: self._unpickle(cmd.code), cmd.args,
