@@ -47,6 +47,13 @@ def _worker_in(args: tuple, kwargs: dict) -> "Worker | None":
     return None
 
 
+def _run(fn: Callable, worker: "Worker | None", args: tuple, kwargs: dict) -> Any:
+    """On `worker`, or on the one its RemoteTensor arguments live on; here if there is none."""
+    from .dispatch import run_remote
+    worker = worker or _worker_in(args, kwargs)
+    return fn(*args, **kwargs) if worker is None else run_remote(worker, fn, args, kwargs)
+
+
 class RemoteFunction:
     """An `autograd.Function` that runs whole on the worker its inputs live on (locally otherwise)."""
 
@@ -56,11 +63,7 @@ class RemoteFunction:
         functools.update_wrapper(self, function, updated=())
 
     def apply(self, *args: Any, **kwargs: Any) -> Any:
-        from .dispatch import run_remote
-        worker = self.worker or _worker_in(args, kwargs)
-        if worker is None:
-            return self.function.apply(*args, **kwargs)
-        return run_remote(worker, self.function.apply, args, kwargs)
+        return _run(self.function.apply, self.worker, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.function, name)
@@ -80,9 +83,7 @@ def remote(target: Any = None) -> Any:
 
         @functools.wraps(obj)
         def call(*args: Any, **kwargs: Any) -> Any:
-            from .dispatch import run_remote
-            w = worker or _worker_in(args, kwargs)
-            return obj(*args, **kwargs) if w is None else run_remote(w, obj, args, kwargs)
+            return _run(obj, worker, args, kwargs)
         return call
 
     if target is None or isinstance(target, Worker):
