@@ -58,8 +58,7 @@ class ClientProtocol:
 
     def put(self, tensor: torch.Tensor, requires_grad: bool = False, device: str = "") -> m.ClientRef:
         op_id = self.next_id()
-        self._queue(m.Put(op_id, tensor, requires_grad, device))
-        self.pending_bytes += tensor.numel() * tensor.element_size()
+        self._queue(m.Put(op_id, tensor, requires_grad, device), tensor.numel() * tensor.element_size())
         return m.ClientRef(op_id, 0)
 
     def put_begin(self, header: m.ChunkedTensor, requires_grad: bool = False, device: str = "") -> m.ClientRef:
@@ -69,22 +68,19 @@ class ClientProtocol:
         return m.ClientRef(op_id, 0)
 
     def chunk(self, op_id: int, offset: int, data: torch.Tensor) -> None:
-        self._queue(m.Chunk(op_id, offset, data))
-        self.pending_bytes += data.numel()
+        self._queue(m.Chunk(op_id, offset, data), data.numel())
 
     def call(self, op: str, args: tuple, kwargs: dict, *, reply: bool, grad_enabled: bool,
              nbytes: int = 0) -> int:
         """Queue op `op` (with `nbytes` of local tensors); returns its id. Output k is `ClientRef(id, k)`."""
         op_id = self.next_id()
-        self._queue(m.Call(op_id, op, args, kwargs, reply, grad_enabled))
-        self.pending_bytes += nbytes
+        self._queue(m.Call(op_id, op, args, kwargs, reply, grad_enabled), nbytes)
         return op_id
 
     def run(self, code: bytes, args: tuple, kwargs: dict, *, grad_enabled: bool, nbytes: int = 0) -> int:
         """Queue a client function to run on the worker; answered like a synchronous call."""
         op_id = self.next_id()
-        self._queue(m.Run(op_id, code, args, kwargs, grad_enabled))
-        self.pending_bytes += nbytes + len(code)
+        self._queue(m.Run(op_id, code, args, kwargs, grad_enabled), nbytes + len(code))
         return op_id
 
     @property
@@ -98,9 +94,11 @@ class ClientProtocol:
         self._queue(kind(req_id, *fields))
         return req_id
 
-    def _queue(self, item: Any) -> None:
+    def _queue(self, item: Any, nbytes: int = 0) -> None:
+        """Every command enters the outbox here, with the tensor bytes it carries."""
         self._outbox.append(item)
         self._queued += 1
+        self.pending_bytes += nbytes
 
     def release(self, ref: m.ClientRef) -> None:
         # deque.append and an int read are atomic: safe from __del__ in any thread, lock or not
