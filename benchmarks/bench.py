@@ -60,21 +60,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def remote_module(module: nn.Module, worker: tr.Worker) -> nn.Module:
-    """Parameters and buffers to the worker, in place (tied weights stay tied)."""
-    sent: dict[int, torch.Tensor] = {}
-    for mod in module.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is not None:
-                if id(p) not in sent:
-                    sent[id(p)] = nn.Parameter(p.detach().send(worker), requires_grad=p.requires_grad)
-                mod._parameters[name] = sent[id(p)]
-        for name, b in list(mod._buffers.items()):
-            if b is not None:
-                mod._buffers[name] = b.send(worker)
-    return module
-
-
 class TcpClient:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -229,7 +214,7 @@ def training(bob: tr.Worker, results: dict, steps: int = 10) -> None:
             model = make()
             xs, ys = (x, y) if where == "local" else (x.send(bob), y.send(bob))
             if where == "remote":
-                remote_module(model, bob)
+                tr.send(model, bob)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
             def step():
