@@ -26,8 +26,7 @@ def local_error(fn):
     lambda t: t(torch.ones(2, 2)).item(),
     lambda t: t(torch.ones(3)).index_select(0, torch.tensor([9])).tolist(),
     lambda t: torch.linalg.inv(t(torch.zeros(2, 2))).tolist(),  # torch.linalg.LinAlgError
-    lambda t: t(torch.ones(3, dtype=torch.long)).requires_grad_(),
-], ids=["matmul", "broadcast", "index", "view", "cat", "item", "index_select", "inv", "grad-int"])
+], ids=["matmul", "broadcast", "index", "view", "cat", "item", "index_select", "inv"])
 def test_remote_errors_have_the_local_type_and_message(bob, case):
     expected = local_error(lambda: case(lambda t: t))
     got = local_error(lambda: case(lambda t: t.send(bob)))
@@ -35,6 +34,24 @@ def test_remote_errors_have_the_local_type_and_message(bob, case):
     assert str(expected).splitlines()[0] in str(got)
     assert any("raised on worker 'bob'" in n for n in got.__notes__)
     assert (torch.ones(2).send(bob) + 1).get().equal(torch.full((2,), 2.))  # the connection goes on
+
+
+@pytest.mark.parametrize("case", [
+    lambda t: t(torch.ones(3, dtype=torch.long)).requires_grad_(),
+    lambda t: setattr(t(torch.ones(3, dtype=torch.long)), "requires_grad", True),
+    lambda t: (t(torch.ones(3)).requires_grad_() * 2).requires_grad_(False),
+    lambda t: t(torch.ones(3)).sum().backward(),
+    lambda t: (t(torch.ones(3)).requires_grad_() * 2).backward(),
+    lambda t: t(torch.ones(3)).retain_grad(),
+    lambda t: torch.autograd.grad(t(torch.ones(3)).requires_grad_().sum(), t(torch.ones(3)).requires_grad_()),
+], ids=["int", "int-setter", "non-leaf", "no-grad-backward", "non-scalar", "retain", "unused"])
+def test_autograd_errors_are_raised_at_once_as_torch_raises_them(bob, case):
+    """The client's autograd bookkeeping knows these without asking the worker."""
+    expected = local_error(lambda: case(lambda t: t))
+    got = local_error(lambda: case(lambda t: t.send(bob)))
+    assert type(got) is type(expected)
+    assert str(got) == str(expected)
+    assert (torch.ones(2).send(bob) + 1).get().equal(torch.full((2,), 2.))
 
 
 def test_an_error_meta_cannot_see_surfaces_at_the_next_sync_and_poisons_dependents(bob):

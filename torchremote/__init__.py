@@ -13,6 +13,7 @@ from .messages import ObjectInfo
 from .server import WorkerServer, start_worker
 from .module import get, on, send
 from .remote_code import remote
+from . import optim as _optim  # noqa: F401  (optimizers take their foreach path on RemoteTensors)
 from .tensor import RemoteTensor
 
 __version__ = "0.1.0"

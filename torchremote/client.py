@@ -79,7 +79,7 @@ class Worker:
     def search(self, *tags: str) -> list[RemoteTensor]:
         """Pointers to the data the worker's owner published with all of these tags."""
         hits = self._request(m.Search, tuple(tags))
-        return [RemoteTensor._wrap(h.meta.empty_meta(), self, h.ref, h) for h in hits]
+        return [RemoteTensor._wrap(h.meta, self, h.ref, published=h) for h in hits]
 
     def objects(self) -> ObjectTable:
         """What this client may see on the worker: published data and its own objects."""
@@ -132,7 +132,7 @@ class Worker:
 
     # --- used by RemoteTensor and dispatch ---
     def _put(self, tensor: torch.Tensor, device: str = "") -> RemoteTensor:
-        meta = wire.meta_after_transfer(tensor).empty_meta()
+        meta = wire.meta_after_transfer(tensor)
         nbytes = tensor.numel() * tensor.element_size()
         with self._lock:
             self._check_open()

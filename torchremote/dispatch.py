@@ -19,6 +19,7 @@ from . import device as devices
 from . import messages as m
 from . import inference, ops, remote_code, wire
 from .device import BACKEND
+from .inference import NO_GRAD
 from .tensor import RemoteTensor
 
 if TYPE_CHECKING:
@@ -52,14 +53,52 @@ def dispatch(func: Callable, args: tuple, kwargs: dict, worker: "Worker | None" 
     return _remote(func, flat, spec, worker)
 
 
-def remote_call(func: Callable, args: tuple, kwargs: dict) -> Any:
-    """The generic path, for special handlers that end in an ordinary remote op."""
-    return _remote(func, *_flatten(args, kwargs))
+def remote_call(func: Callable, args: tuple, kwargs: dict, *, sync: bool = False) -> Any:
+    """The generic path, for special handlers that end in an ordinary remote op (or, with `sync`,
+    a synchronous one: the worker's answer, exactly)."""
+    flat, spec = _flatten(args, kwargs)
+    if not sync:
+        return _remote(func, flat, spec)
+    worker = worker_of(flat)
+    name = ops.name_of(func)
+    _check_sendable(name, worker, flat)
+    return _call_sync(worker, name, flat, spec, _local_bytes(flat))
+
+
+def queue(func: Callable, args: tuple, kwargs: dict, *, returns_self: bool = False) -> tuple["Worker", int]:
+    """Queue `func` for its worker without planning it here (the caller knows what it returns;
+    `returns_self`: the input it changed in place, which needs no pointer of its own)."""
+    flat, spec = _flatten(args, kwargs)
+    worker = worker_of(flat)
+    name = ops.name_of(func)
+    if name is None:
+        raise NotImplementedError(f"torchremote cannot run {func!r} on a worker")
+    _check_sendable(name, worker, flat)
+    wire_args, wire_kwargs = _unflatten(_to_wire(flat), spec)
+    op_id = worker._call(name, wire_args, wire_kwargs, _local_bytes(flat))
+    if returns_self:
+        worker._release(m.ClientRef(op_id, 0))
+    return worker, op_id
+
+
+def wrap_new(meta: m.TensorMeta, worker: "Worker", ref: m.ClientRef) -> RemoteTensor:
+    return RemoteTensor._wrap(meta, worker, ref)
+
+
+def _local_bytes(flat: list) -> int:
+    return sum(a.numel() * a.element_size() for a in flat
+               if isinstance(a, torch.Tensor) and not isinstance(a, RemoteTensor))
+
+
+def _to_wire(flat: list) -> list:
+    """Pointers become references; local operands travel as a snapshot taken now."""
+    return [a._ref if isinstance(a, RemoteTensor) else a.detach().clone() if isinstance(a, torch.Tensor)
+            else a for a in flat]
 
 
 def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = None) -> Any:
     worker = worker_of(flat, worker)
-    if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._meta.requires_grad for a in flat):
+    if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._rg for a in flat):
         remote_code.refuse_inside_custom_function()
     name = ops.name_of(func)
     if name is None:
@@ -129,57 +168,109 @@ _META = torch.device("meta")
 
 
 def _stand_in(a: Any) -> Any:
-    return a._meta if isinstance(a, RemoteTensor) else a
+    return a._stand_in() if isinstance(a, RemoteTensor) else a
 
 
 def _meta_like(t: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-    return out.requires_grad_(True) if t.requires_grad else out
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _plan_key(func: Callable, flat: list, spec: Any) -> tuple[Any, bool]:
+    """The cache key of a call: the op, its arguments' metadata and autograd standing, the grad
+    mode; and whether any input requires grad (then the plan records autograd)."""
+    parts: list[Any] = [func, spec, torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+    grad = False
+    seen: dict[int, int] = {}
+    for i, a in enumerate(flat):
+        if isinstance(a, RemoteTensor):
+            key = a._key
+            if key is None:
+                key = a._meta_key()
+            s = autograd.standing(a) if a._rg or a._view_base is not None else NO_GRAD
+            grad = grad or s != NO_GRAD
+            parts.append((seen.setdefault(id(a), i), key, s))
+        elif isinstance(a, torch.Tensor):
+            parts.append((seen.setdefault(id(a), i), "local", inference.tensor_key(a)))
+        elif type(a) is slice:
+            parts.append((slice, a.start, a.stop, a.step))
+        else:
+            parts.append((type(a), a))
+    key = tuple(parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None, grad
+    return key, grad
+
+
+def _plan(func: Callable, name: str, flat: list, spec: Any) -> inference.Plan | None:
+    key, grad = _plan_key(func, flat, spec)
+    if key is not None:
+        hit = inference.lookup(key)
+        if hit is not None:
+            return None if hit is inference.SYNC else hit
+    inputs = []
+    for a in flat:
+        if isinstance(a, RemoteTensor):
+            inputs.append(a._stand_in())
+        elif isinstance(a, torch.Tensor):
+            inputs.append(_meta_like(a))
+        elif isinstance(a, torch.device) and a.type == BACKEND:
+            inputs.append(_META)  # a factory for the worker: inferred on meta
+        else:
+            inputs.append(a)
+    standings = None
+    if grad:
+        standings = [autograd.standing(a) if isinstance(a, RemoteTensor) else NO_GRAD for a in flat]
+    return inference.plan(func, name, key, inputs, standings, spec)
 
 
 def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) -> Any:
-    metas, nbytes = [], 0
-    for a in flat:
-        if isinstance(a, RemoteTensor):
-            metas.append(a._meta)
-        elif isinstance(a, torch.Tensor):
-            metas.append(_meta_like(a))
-            nbytes += a.numel() * a.element_size()
-        elif isinstance(a, torch.device) and a.type == BACKEND:
-            metas.append(_META)  # a factory for the worker: inferred on meta
-        else:
-            metas.append(a)
-    plan = inference.plan(func, name, metas, spec)
+    plan = _plan(func, name, flat, spec)
     if plan is None:
-        return _call_sync(worker, name, flat, spec, nbytes)
-    for kind, i in plan.leaves:
-        if kind == inference.IN and not isinstance(flat[i], RemoteTensor):
+        return _call_sync(worker, name, flat, spec, _local_bytes(flat))
+    outs = plan.outs
+    for out in outs:
+        if out.kind == inference.IN and not isinstance(flat[out.payload], RemoteTensor):
             raise RuntimeError(f"{name} would write its result into a local tensor; the op runs on "
                                f"worker {worker.id!r}: use a RemoteTensor there (or .get() first)")
-    # local operands travel as a snapshot taken now, whenever the batch is sent
-    wire_args, wire_kwargs = _unflatten(
-        [a._ref if isinstance(a, RemoteTensor) else a.detach().clone() if isinstance(a, torch.Tensor)
-         else a for a in flat], spec)
-    op_id = worker._call(name, wire_args, wire_kwargs, nbytes)
+    wire_args, wire_kwargs = _unflatten(_to_wire(flat), spec)
+    op_id = worker._call(name, wire_args, wire_kwargs, _local_bytes(flat))
+    metas = plan.metas
     results, k = [], 0
-    for position, (kind, payload) in enumerate(plan.leaves):
+    for position, out in enumerate(outs):
+        kind = out.kind
         if kind == inference.VALUE:
-            results.append(payload)
+            results.append(out.payload)
             continue
         ref = m.ClientRef(op_id, k)
         k += 1
         if kind == inference.IN:  # in place, or out=: the very object it was called on
             worker._release(ref)
-            results.append(flat[payload])
-        else:
-            results.append(RemoteTensor._wrap(plan.new_meta(position), worker, ref))
+            target = flat[out.payload]
+            if metas is not None:  # an uncached run: it may have changed the target's metadata
+                target._tmeta, target._key = m.TensorMeta.of(target._stand_in()), None
+            results.append(target)
+            continue
+        r = RemoteTensor._wrap(out.payload, worker, ref, out.key, metas[position] if metas is not None else None)
+        if out.view_of is not None:
+            source = flat[out.view_of]
+            if isinstance(source, RemoteTensor):
+                base = source._view_base
+                if base is None:
+                    base = source
+                r._view_base = base
+                r._fam_version = base._fam_version
+        results.append(r)
+    if plan.records_grad:
+        autograd.record(plan, flat, results)
     return tree_unflatten(results, plan.spec)
 
 
 def _call_sync(worker: "Worker", name: str, flat: list, spec: Any, nbytes: int) -> Any:
     args, kwargs = _unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
     op_id, value = worker._call_sync(name, args, kwargs, nbytes)
-    return _rebuild(worker, op_id, value, flat)
+    return _rebuild(worker, op_id, value, flat, name)
 
 
 def run_remote(worker: "Worker", fn: Callable, args: tuple, kwargs: dict) -> Any:
@@ -187,21 +278,21 @@ def run_remote(worker: "Worker", fn: Callable, args: tuple, kwargs: dict) -> Any
     flat, spec = tree_flatten((args, kwargs))
     worker = worker_of(flat, worker)
     _check_sendable(getattr(fn, "__qualname__", "run"), worker, flat)
-    nbytes = sum(a.numel() * a.element_size() for a in flat
-                 if isinstance(a, torch.Tensor) and not isinstance(a, RemoteTensor))
+    nbytes = _local_bytes(flat)
     wire_args, wire_kwargs = tree_unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
     op_id, value = worker._run_sync(fn, wire_args, wire_kwargs, nbytes)
-    return _rebuild(worker, op_id, value, flat)
+    return _rebuild(worker, op_id, value, flat, getattr(fn, "__qualname__", "run"))
 
 
-def _rebuild(worker: "Worker", op_id: int, value: Any, flat: list) -> Any:
+def _rebuild(worker: "Worker", op_id: int, value: Any, flat: list, name: str) -> Any:
     """RemoteTensors for the tensors in a synchronous reply (the inputs themselves where they were)."""
     inputs = {a._ref: a for a in flat if isinstance(a, RemoteTensor)}
     leaves, out_spec = tree_flatten(value)
-    results, k = [], 0
+    results, k, new = [], 0, []
     for leaf in leaves:
         if isinstance(leaf, m.TensorMeta):
-            results.append(RemoteTensor._wrap(leaf.empty_meta(), worker, m.ClientRef(op_id, k)))
+            new.append(RemoteTensor._wrap(leaf, worker, m.ClientRef(op_id, k)))
+            results.append(new[-1])
             k += 1
         elif isinstance(leaf, m.SameAs):
             worker._release(m.ClientRef(op_id, k))
@@ -209,7 +300,8 @@ def _rebuild(worker: "Worker", op_id: int, value: Any, flat: list) -> Any:
             results.append(inputs[leaf.ref])
         else:
             results.append(leaf)
+    autograd.rebuild_outputs(flat, name, new)
     return tree_unflatten(results, out_spec)
 
 
-from . import special  # noqa: E402,F401  (registers the special handlers)
+from . import autograd, special  # noqa: E402,F401  (registers the special handlers)

@@ -3,9 +3,13 @@
 A cold meta run costs 50-400 us (many meta kernels are Python decompositions); a cache keyed by the
 op and its inputs' metadata makes a repeated op cost a dictionary lookup. An entry is only kept when
 the meta run left every input's metadata as it found it, so a cache hit is exactly a re-run. Calls
-that record autograd history are never cached: the stand-ins' meta graph is what lets `backward()`
-give every parameter's stand-in its `.grad`, so `p.grad` needs no round trip. Calls that must
-synchronise (a Python value is asked for, no meta kernel, an error) are cached as such.
+that must synchronise (a Python value is asked for, no meta kernel, an error) are cached as such.
+
+The stand-ins never require grad: autograd is bookkept on the client (`autograd.py`). When an input
+requires grad, the cold run also replays the call once under autograd, on fresh meta tensors shaped
+like the inputs and built with the same autograd standing (leaf, non-leaf, view of either), and the
+plan keeps what that says: which outputs require grad, their `grad_fn` names, and which inputs each
+output's history reaches. A warm call records autograd with no meta work at all.
 """
 from __future__ import annotations
 
@@ -20,90 +24,197 @@ MAX_ENTRIES = 65536
 
 IN, NEW, VALUE = 0, 1, 2
 
+# The autograd standing of a tensor input, part of the cache key (see `autograd.standing`).
+NO_GRAD, LEAF, NON_LEAF, VIEW_OF_LEAF, VIEW_OF_NON_LEAF = range(5)
+
+
+class Out:
+    """One flat output of a call.
+
+    `kind` IN: the flat input `payload` itself (in place, `out=`); NEW: a new tensor, `payload` its
+    `TensorMeta`, `key` its metadata key, `view_of` the flat input whose storage it aliases (or
+    None); VALUE: the Python value `payload`. `grad` (when an input required grad): a tuple
+    `(requires_grad, grad_fn name or None, flat input positions its history reaches, recorded)`.
+    """
+
+    __slots__ = ("kind", "payload", "key", "view_of", "grad")
+
+    def __init__(self, kind: int, payload: Any, key: Any = None, view_of: int | None = None) -> None:
+        self.kind, self.payload, self.key, self.view_of, self.grad = kind, payload, key, view_of, None
+
 
 class Plan:
-    """The outputs of a call: `IN` (the i-th flat input itself), `NEW` (a new tensor, its
-    `TensorMeta`), `VALUE`."""
+    """The outputs of a call (`outs`, flat, and `spec` to rebuild them), and for an uncached run the
+    meta tensors it produced (`metas`, views still aliasing the inputs' stand-ins)."""
 
-    __slots__ = ("spec", "leaves", "outputs")
+    __slots__ = ("spec", "outs", "metas", "records_grad")
 
-    def __init__(self, spec: Any, leaves: list[tuple[int, Any]], outputs: list | None = None) -> None:
+    def __init__(self, spec: Any, outs: list[Out], metas: list | None = None) -> None:
         self.spec = spec
-        self.leaves = leaves
-        self.outputs = outputs  # the meta tensors of this very run (kept views aliased); None when cached
-
-    def new_meta(self, position: int) -> torch.Tensor:
-        if self.outputs is not None:
-            return self.outputs[position]
-        return self.leaves[position][1].empty_meta()
+        self.outs = outs
+        self.metas = metas
+        self.records_grad = any(o.grad is not None for o in outs)
 
 
-_SYNC = object()
+SYNC = object()  # cached for a call that must synchronise
 _cache: dict[Any, Any] = {}
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.shape, t.stride(), t.storage_offset(), t.dtype, t.requires_grad, t.is_leaf, t._is_view(),
-            t.device.type)
+def lookup(key: Any) -> Any:
+    """A cached plan, `SYNC`, or None when this key has not been planned."""
+    return _cache.get(key)
 
 
-def _key(func: Callable, metas: list, spec: Any) -> Any:
-    parts: list[Any] = [func, spec, torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
-    seen: dict[int, int] = {}
-    for i, a in enumerate(metas):
-        if isinstance(a, torch.Tensor):
-            parts.append((seen.setdefault(id(a), i), _tensor_key(a)))
-        elif type(a) is slice:
-            parts.append((slice, a.start, a.stop, a.step))
-        else:
-            parts.append((type(a), a))
-    key = tuple(parts)
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+def tensor_key(t: torch.Tensor) -> tuple:
+    """The metadata a meta run depends on."""
+    return (t.shape, t.stride(), t.storage_offset(), t.dtype)
 
 
-def plan(func: Callable, name: str, metas: list, spec: Any) -> Plan | None:
-    """The plan for `func` on these meta stand-ins and values, or None if the call must synchronise."""
-    key = None if _records_autograd(metas) else _key(func, metas, spec)
-    if key is not None:
-        hit = _cache.get(key)
-        if hit is not None:
-            return None if hit is _SYNC else hit
-    result, cacheable = _run_meta(func, name, metas, spec)
-    if key is not None and cacheable and len(_cache) < MAX_ENTRIES:
-        _cache[key] = _SYNC if result is None else Plan(result.spec, result.leaves)
+def meta_key(meta: TensorMeta) -> tuple:
+    return (torch.Size(meta.shape), meta.stride, meta.storage_offset, meta.dtype)
+
+
+def plan(func: Callable, name: str, key: Any, inputs: list, standings: list | None, spec: Any) -> Plan | None:
+    """Plan `func` by running it on meta (the caller looked `key` up first); None if the call must
+    synchronise.
+
+    `key` is the cache key (None: uncacheable); `inputs` the flat arguments with meta stand-ins for
+    tensors; `standings` the autograd standing of each flat input (None when none requires grad).
+    """
+    before = [tensor_key(a) if isinstance(a, torch.Tensor) else None for a in inputs]
+    result, unchanged = _run_meta(func, name, inputs, spec, before)
+    if result is not None and standings is not None:
+        if not _add_autograd(result, func, inputs, before, standings, spec):
+            result = None  # autograd refuses the call (in place on a leaf...): the worker says why
+    if key is not None and unchanged and len(_cache) < MAX_ENTRIES:
+        _cache[key] = SYNC if result is None else Plan(result.spec, result.outs)
     return result
 
 
-def _records_autograd(metas: list) -> bool:
-    """A call that adds to an autograd graph: the graph links the stand-ins, so it must really run."""
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in metas)
-
-
-def _run_meta(func: Callable, name: str, metas: list, spec: Any) -> tuple[Plan | None, bool]:
-    tensors = [a for a in metas if isinstance(a, torch.Tensor)]
-    before = [_tensor_key(t) for t in tensors]
+def _run_meta(func: Callable, name: str, inputs: list, spec: Any, before: list) -> tuple[Plan | None, bool]:
     try:
-        args, kwargs = (tuple(metas), {}) if spec is None else tree_unflatten(metas, spec)
+        args, kwargs = (tuple(inputs), {}) if spec is None else tree_unflatten(inputs, spec)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         out_flat, out_spec = tree_flatten(out)
     except Exception:
-        return None, before == [_tensor_key(t) for t in tensors]
-    unchanged = before == [_tensor_key(t) for t in tensors]
-    position = {id(a): i for i, a in enumerate(metas) if isinstance(a, torch.Tensor)}
-    leaves: list[tuple[int, Any]] = []
+        return None, _unchanged(inputs, before)
+    unchanged = _unchanged(inputs, before)
+    position = {id(a): i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)}
+    outs: list[Out] = []
     for leaf in out_flat:
         if isinstance(leaf, torch.Tensor):
             if leaf.device.type != "meta" or leaf.layout != torch.strided:
                 return None, unchanged  # the worker answers (or explains) what meta cannot stand in for
             i = position.get(id(leaf))
-            leaves.append((IN, i) if i is not None else (NEW, TensorMeta.of(leaf)))
+            if i is not None:
+                outs.append(Out(IN, i))
+            else:
+                base = leaf._base if leaf._is_view() else None
+                view_of = None
+                if base is not None:
+                    view_of = next((j for j, a in enumerate(inputs) if isinstance(a, torch.Tensor)
+                                    and (a is base or a._base is base)), None)
+                outs.append(Out(NEW, TensorMeta.of(leaf), tensor_key(leaf), view_of))
         elif leaf is None and not name.endswith("__get__"):  # a property (x.grad) can differ from meta
-            leaves.append((VALUE, None))
+            outs.append(Out(VALUE, None))
         else:
             return None, unchanged
-    return Plan(out_spec, leaves, out_flat), unchanged
+    return Plan(out_spec, outs, out_flat), unchanged
+
+
+def _unchanged(inputs: list, before: list) -> bool:
+    return all(b is None or tensor_key(a) == b for a, b in zip(inputs, before))
+
+
+# --- autograd: the call replayed once on fresh inputs that carry the inputs' standing ---------------
+
+def _fresh(key: tuple, standing: int) -> torch.Tensor:
+    shape, stride, offset, dtype = key
+    if standing in (VIEW_OF_LEAF, VIEW_OF_NON_LEAF):
+        extent = 1 + offset + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else offset
+        base = torch.empty(extent, dtype=dtype, device="meta", requires_grad=True)
+        if standing == VIEW_OF_NON_LEAF:
+            base = base.clone()
+        return base.as_strided(shape, stride, offset)
+    t = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    if offset:
+        t = t.as_strided(shape, stride, offset)
+    if standing == NO_GRAD:
+        return t
+    t.requires_grad_(True)
+    return t.clone() if standing == NON_LEAF else t
+
+
+def _add_autograd(result: Plan, func: Callable, inputs: list, before: list, standings: list,
+                  spec: Any) -> bool:
+    """Fill in each output's `grad`; False if autograd refuses the call."""
+    fresh: list = []
+    made: dict[int, torch.Tensor] = {}
+    for a, key, standing in zip(inputs, before, standings):
+        if key is None:
+            fresh.append(a)
+            continue
+        t = made.get(id(a))
+        if t is None:
+            t = made[id(a)] = _fresh(key, standing)
+        fresh.append(t)
+    stops: dict[int, int] = {}  # id of an input's grad_fn (or of a leaf input) -> its flat position
+    for i, (t, standing) in enumerate(zip(fresh, standings)):
+        if standing == NO_GRAD or not isinstance(t, torch.Tensor):
+            continue
+        stops.setdefault(id(t) if standing == LEAF else id(t.grad_fn), i)
+        if standing in (VIEW_OF_LEAF, VIEW_OF_NON_LEAF):  # in place on a view: its base's history
+            base = t._base
+            stops.setdefault(id(base) if standing == VIEW_OF_LEAF else id(base.grad_fn), i)
+    grad_fns_before = [t.grad_fn if isinstance(t, torch.Tensor) else None for t in fresh]
+    try:
+        args, kwargs = (tuple(fresh), {}) if spec is None else tree_unflatten(fresh, spec)
+        with torch._C.DisableTorchFunctionSubclass(), _autograd_on():
+            out_flat = tree_flatten(func(*args, **kwargs))[0]
+    except Exception:
+        return False
+    tensors = [o for o in out_flat if isinstance(o, torch.Tensor)]
+    if len(tensors) != sum(o.kind != VALUE for o in result.outs):
+        return False
+    for out, t in zip((o for o in result.outs if o.kind != VALUE), tensors):
+        fn = t.grad_fn
+        if out.kind == IN:
+            recorded = fn is not None and fn is not grad_fns_before[out.payload]
+        else:
+            recorded = fn is not None
+        out.grad = (t.requires_grad, fn.name() if fn is not None else None,
+                    _reaches(fn, stops) if recorded else (), recorded)
+    result.records_grad = True
+    return True
+
+
+def _autograd_on() -> Any:
+    """Autograd for this run even where the call arrived below it (an ATen op that reached
+    `__torch_dispatch__`, where torch has switched autograd off for the rest of the call)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _reaches(fn: Any, stops: dict[int, int]) -> tuple[int, ...]:
+    """The flat input positions whose history the graph under `fn` reaches (in order, once each)."""
+    found: list[int] = []
+    seen: set[int] = set()
+    todo = [fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in stops and node is not fn:
+            found.append(stops[id(node)])
+            continue
+        variable = getattr(node, "variable", None)  # AccumulateGrad of a leaf input
+        if variable is not None:
+            if id(variable) in stops:
+                found.append(stops[id(variable)])
+            continue
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return tuple(sorted(set(found)))

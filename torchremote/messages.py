@@ -53,11 +53,13 @@ class TensorMeta:
     def of(cls, t: torch.Tensor) -> "TensorMeta":
         return cls(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, t.requires_grad)
 
-    def empty_meta(self) -> torch.Tensor:
+    def empty_meta(self, requires_grad: bool | None = None) -> torch.Tensor:
         t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
         if self.storage_offset:
             t = t.as_strided(self.shape, self.stride, self.storage_offset)
-        return t.requires_grad_(self.requires_grad) if self.requires_grad else t
+        if requires_grad is None:
+            requires_grad = self.requires_grad
+        return t.requires_grad_(True) if requires_grad else t
 
 
 @dataclass(frozen=True, slots=True)

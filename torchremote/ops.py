@@ -106,11 +106,12 @@ def _resolve_property(name: str) -> Callable | None:
 
 
 # --- calls answered on the client, from the meta stand-in, without a message ----------------------
+# (requires_grad, is_leaf, grad_fn and .grad are answered too, from autograd.py's bookkeeping)
 
 _T = torch.Tensor
 LOCAL_QUERIES: frozenset = frozenset({
     *(getattr(_T, p).__get__ for p in (
-        "shape", "dtype", "layout", "ndim", "requires_grad", "is_leaf", "grad_fn", "is_sparse",
+        "shape", "dtype", "layout", "ndim", "is_sparse",
         "is_sparse_csr", "is_quantized", "is_mkldnn", "is_nested", "is_cuda", "is_xpu", "is_mps",
         "is_cpu", "itemsize", "nbytes", "output_nr", "_version",
     )),

@@ -36,7 +36,7 @@ def _hash(func: Any, args: tuple, kwargs: dict) -> int:
 @implements(_T.__iter__)
 def _iter(func: Any, args: tuple, kwargs: dict) -> Any:
     x = args[0]
-    if x._meta.dim() == 0:
+    if x._stand_in().dim() == 0:
         raise TypeError("iteration over a 0-d tensor")
     return iter(x.unbind(0))
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import messages as m
-from . import wire
+from . import inference, wire
 from .store import object_id
 
 if TYPE_CHECKING:
@@ -20,9 +20,13 @@ if TYPE_CHECKING:
 
 
 class RemoteTensor(torch.Tensor):
-    __slots__ = ("_meta", "_worker", "_ref", "_published")
+    # _tmeta/_key: metadata and its cache key; _meta: the meta stand-in, made when first needed.
+    # _rg, _grad_node, _grad_ptr, _view_base, _fam_version: autograd bookkeeping (see autograd.py).
+    __slots__ = ("_meta", "_tmeta", "_key", "_worker", "_ref", "_published",
+                 "_rg", "_grad_node", "_grad_ptr", "_view_base", "_fam_version")
 
-    _meta: torch.Tensor
+    _meta: torch.Tensor | None
+    _tmeta: m.TensorMeta
     _worker: "Worker"
     _ref: m.Ref
     _published: m.PublishedInfo | None
@@ -31,13 +35,33 @@ class RemoteTensor(torch.Tensor):
         raise TypeError("RemoteTensors come from tensor.send(worker), worker.search(tag) or ops on them")
 
     @classmethod
-    def _wrap(cls, meta: torch.Tensor, worker: "Worker", ref: m.Ref,
-              published: m.PublishedInfo | None = None) -> "RemoteTensor":
+    def _wrap(cls, tmeta: m.TensorMeta, worker: "Worker", ref: m.Ref, key: tuple | None = None,
+              meta: torch.Tensor | None = None, published: m.PublishedInfo | None = None) -> "RemoteTensor":
+        """A pointer with this metadata. `key` and `meta` are passed when already known (a cached
+        plan shares one key among all its results); requires_grad starts as `tmeta` says."""
         r = torch.Tensor._make_wrapper_subclass(
-            cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
-            dtype=meta.dtype, device=worker.device, requires_grad=False)
-        r._meta, r._worker, r._ref, r._published = meta, worker, ref, published
+            cls, tmeta.shape, strides=tmeta.stride, storage_offset=tmeta.storage_offset,
+            dtype=tmeta.dtype, device=worker.device, requires_grad=False)
+        r._tmeta, r._key, r._meta, r._worker, r._ref, r._published = tmeta, key, meta, worker, ref, published
+        r._rg, r._grad_node, r._grad_ptr, r._view_base, r._fam_version = tmeta.requires_grad, None, None, None, 0
         return r
+
+    def _stand_in(self) -> torch.Tensor:
+        """The meta-device tensor that stands in for this one (never requiring grad)."""
+        meta = self._meta
+        if meta is None:
+            meta = self._meta = self._tmeta.empty_meta(requires_grad=False)
+        return meta
+
+    def _meta_key(self) -> tuple:
+        key = self._key
+        if key is None:
+            key = self._key = inference.tensor_key(self._stand_in())
+        return key
+
+    def _metadata_changed(self) -> None:
+        """An in-place op changed this tensor's shape or strides: forget the cached key."""
+        self._key = None
 
     # --- pointer API ---
     @property
@@ -66,7 +90,7 @@ class RemoteTensor(torch.Tensor):
         slot, ticket = worker._ask(lambda: worker._protocol.request(m.Expect), "move")
         # sent after every op queued for the source, so the data it pushes is up to date
         self._worker._request(m.Push, self._ref, worker.url, worker._protocol.token, ticket)
-        meta = wire.meta_after_transfer(self._meta.detach()).empty_meta()  # a leaf, as the source sends it
+        meta = wire.meta_after_transfer(self._stand_in())  # a leaf, as the source sends it
         return RemoteTensor._wrap(meta, worker, m.ClientRef(slot, 0))
 
     def copy(self) -> "RemoteTensor":
@@ -78,10 +102,10 @@ class RemoteTensor(torch.Tensor):
         return self.get().numpy(force=force)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
-        meta = self._meta
+        meta = self._stand_in()
         parts = [f"id={self.id}", f"worker={self._worker.id!r}", f"shape={tuple(meta.shape)}",
                  f"dtype={meta.dtype}"]
-        if meta.requires_grad:
+        if self._rg:
             parts.append("requires_grad=True")
         if self._published is not None and self._published.tags:
             parts.append(f"tags={list(self._published.tags)}")
@@ -90,7 +114,7 @@ class RemoteTensor(torch.Tensor):
     __str__ = __repr__
 
     def __format__(self, spec: str) -> str:
-        if spec and self._meta.dim() == 0:
+        if spec and self._stand_in().dim() == 0:
             return format(self.item(), spec)  # what torch does for 0-dim tensors: fetches one value
         return format(repr(self), spec)
 

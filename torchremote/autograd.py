@@ -1,0 +1,454 @@
+"""Autograd bookkeeping on the client: a light graph of pointers, no meta-device autograd.
+
+The worker holds the real autograd graph and runs `backward`. The client only answers what torch
+answers locally - `requires_grad`, `is_leaf`, `grad_fn`, whether `.grad` exists and its metadata -
+and it does so from this graph, with no round trip:
+
+- every RemoteTensor that requires grad and is not a leaf has a `Node`: the name of its grad_fn and
+  edges to the nodes (or leaf tensors) its history reaches. The edges come from the op's cached plan
+  (`inference.py` works them out once per op and input metadata), so recording costs a tuple.
+- `backward()` walks the graph from its roots: every leaf (and `retain_grad()` tensor) it reaches has
+  a `.grad` from then on. A new `.grad` is a pointer made on first access, by an asynchronous getter
+  queued after the backward it comes from; later accumulations change it in place, as on the worker.
+- views share their base's history as torch's do: an in-place op on a view (or on the base) makes
+  the base's node a `CopySlices` and every view re-derives its node from the base when next used.
+
+Where torch would compute a gradient that is undefined for a reached tensor (rare backward formulas,
+double backward), the prediction can differ from the worker; the worker is the ground truth for
+values, this graph only for which pointers exist.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Iterable
+
+import torch
+
+from . import inference
+from . import messages as m
+from .inference import LEAF, NO_GRAD, NON_LEAF, VIEW_OF_LEAF, VIEW_OF_NON_LEAF
+from .ops import implements
+from .tensor import RemoteTensor
+
+_T = torch.Tensor
+
+
+class Node:
+    """A RemoteTensor's grad_fn: its name and the edges of its history (Nodes, or leaf tensors)."""
+
+    __slots__ = ("_name", "edges", "retained", "__weakref__")
+
+    def __init__(self, name: str, edges: tuple) -> None:
+        self._name = name
+        self.edges = edges
+        self.retained: weakref.ref | None = None  # the tensor that called retain_grad(), if any
+
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def next_functions(self) -> tuple:
+        return tuple((e if isinstance(e, Node) else AccumulateGrad(e), 0) for e in self.edges)
+
+    def __repr__(self) -> str:
+        return f"<{self._name} (on a torchremote worker)>"
+
+
+class AccumulateGrad:
+    """What `next_functions` shows for a leaf, as torch does."""
+
+    __slots__ = ("variable",)
+
+    def __init__(self, variable: RemoteTensor) -> None:
+        self.variable = variable
+
+    def name(self) -> str:
+        return "torch::autograd::AccumulateGrad"
+
+    next_functions = ()
+
+
+# --- per tensor ----------------------------------------------------------------------------------
+
+def refresh(t: RemoteTensor) -> None:
+    """A view whose family changed in place since its node was made re-derives it from the base."""
+    base = t._view_base
+    if base is not None and t._fam_version != base._fam_version:
+        edge = edge_of(base)
+        t._rg = base._rg
+        t._grad_node = Node("AsStridedBackward0", (edge,)) if edge is not None else None
+        t._fam_version = base._fam_version
+
+
+def edge_of(t: RemoteTensor) -> Any:
+    """Where a gradient for `t` flows: its node, itself (a leaf that requires grad), or None."""
+    if t._view_base is not None:
+        refresh(t)
+    if not t._rg:
+        return None
+    return t._grad_node if t._grad_node is not None else t
+
+
+def standing(t: RemoteTensor) -> int:
+    if t._view_base is not None:
+        refresh(t)
+        if not t._rg:
+            return NO_GRAD
+        base = t._view_base
+        return VIEW_OF_LEAF if base._rg and base._grad_node is None else VIEW_OF_NON_LEAF
+    if not t._rg:
+        return NO_GRAD
+    return LEAF if t._grad_node is None else NON_LEAF
+
+
+def record(plan: inference.Plan, flat: list, results: list) -> None:
+    """Give a call's results their autograd standing, from its plan (results as `plan.outs`)."""
+    for out, result in zip(plan.outs, results):
+        info = out.grad
+        if info is None:
+            continue
+        requires_grad, name, reaches, recorded = info
+        if out.kind == inference.NEW:
+            result._rg = requires_grad
+            if recorded:
+                result._grad_node = Node(name, _edges(flat, reaches))
+        elif out.kind == inference.IN:
+            _in_place(result, requires_grad, name, _edges(flat, reaches) if recorded else None)
+
+
+def _edges(flat: list, positions: tuple[int, ...]) -> tuple:
+    edges = []
+    for i in positions:
+        a = flat[i]
+        if isinstance(a, RemoteTensor):
+            e = edge_of(a)
+            if e is not None:
+                edges.append(e)
+    return tuple(edges)
+
+
+def _in_place(t: RemoteTensor, requires_grad: bool, name: str | None, edges: tuple | None) -> None:
+    if edges is None:  # not recorded: only requires_grad can change (detach_, requires_grad_)
+        t._rg = requires_grad
+        if not requires_grad:
+            t._grad_node = None
+        return
+    node = Node(name, edges)
+    base = t._view_base
+    if base is None:
+        _retain_moves(t._grad_node, node)
+        t._grad_node, t._rg = node, True
+        t._fam_version += 1
+        return
+    base_edge = edge_of(base)
+    base._grad_node = Node("CopySlices", ((base_edge,) if base_edge is not None else ()) + (node,))
+    base._rg = True
+    base._fam_version += 1
+    t._grad_node, t._rg, t._fam_version = Node("AsStridedBackward0", (base._grad_node,)), True, base._fam_version
+
+
+def _retain_moves(old: Node | None, new: Node) -> None:
+    if old is not None and old.retained is not None:
+        new.retained, old.retained = old.retained, None
+
+
+def rebuild_outputs(flat: list, name: str, results: Iterable[RemoteTensor]) -> None:
+    """Results of a synchronous call that require grad: their history reaches every input's."""
+    edges = None
+    for r in results:
+        if r._rg:
+            if edges is None:
+                edges = _edges(flat, tuple(range(len(flat))))
+            r._grad_node = Node(name, edges)
+
+
+# --- backward and autograd.grad ------------------------------------------------------------------
+
+def _walk(roots: list) -> tuple[set[int], list[RemoteTensor], list[Node]]:
+    """Everything reachable from `roots` (edges): node ids, leaf tensors, nodes."""
+    seen: set[int] = set()
+    leaves: list[RemoteTensor] = []
+    nodes: list[Node] = []
+    todo = list(roots)
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, Node):
+            nodes.append(e)
+            todo.extend(e.edges)
+        else:
+            leaves.append(e)
+    return seen, leaves, nodes
+
+
+def _check_roots(tensors: list, grads: list) -> list:
+    roots = []
+    for i, (t, g) in enumerate(zip(tensors, grads)):
+        e = edge_of(t) if isinstance(t, RemoteTensor) else None
+        if e is None:
+            raise RuntimeError(f"element {i} of tensors does not require grad and does not have a grad_fn")
+        if g is None:
+            if t.numel() != 1:
+                raise RuntimeError("grad can be implicitly created only for scalar outputs")
+        elif isinstance(g, torch.Tensor) and g.shape != t.shape:
+            raise RuntimeError(f"Mismatch in shape: grad_output[{i}] has a shape of {g.shape} and "
+                               f"output[{i}] has a shape of {t.shape}.")
+        roots.append(e)
+    return roots
+
+
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    if isinstance(v, torch.Tensor):
+        return [v]
+    return list(v)
+
+
+def grad_meta(t: RemoteTensor, requires_grad: bool = False) -> m.TensorMeta:
+    """The metadata of a gradient torch makes for `t`: its strides if dense, else contiguous."""
+    from .wire import strides_after_transfer
+    meta = t._stand_in()
+    dense = strides_after_transfer(meta) == tuple(meta.stride())
+    stride = tuple(meta.stride()) if dense else tuple(torch.empty(meta.shape, device="meta").stride())
+    return m.TensorMeta(tuple(meta.shape), stride, 0, meta.dtype, requires_grad)
+
+
+def _accumulate(t: RemoteTensor, create_graph: bool, graph: tuple) -> None:
+    """`t` receives a gradient: a new `.grad`, or the existing one accumulated in place."""
+    g = t._grad_ptr
+    if g is None or create_graph:  # with create_graph, accumulation makes a new tensor
+        t._grad_ptr = grad_meta(t, requires_grad=create_graph)
+        if create_graph:
+            t._grad_ptr = _GradPending(t._grad_ptr, Node("AccumulateGradBackward", graph))
+
+
+class _GradPending:
+    """A `.grad` made with create_graph: it requires grad, and its history reaches `node`'s."""
+
+    __slots__ = ("meta", "node")
+
+    def __init__(self, meta: m.TensorMeta, node: Node) -> None:
+        self.meta, self.node = meta, node
+
+
+def _backward(tensors: list, grads: list, inputs: list, create_graph: bool) -> None:
+    roots = _check_roots(tensors, grads)
+    seen, leaves, nodes = _walk(roots)
+    graph = tuple(roots) + tuple(g for g in (edge_of(g) if isinstance(g, RemoteTensor) else None
+                                             for g in grads) if g is not None)
+    if inputs:
+        for t in inputs:
+            e = edge_of(t) if isinstance(t, RemoteTensor) else None
+            if e is None:
+                raise RuntimeError("One of the differentiated Tensors does not require grad")
+            if id(e) in seen:
+                _accumulate(t, create_graph, graph)
+        return
+    for leaf in leaves:
+        _accumulate(leaf, create_graph, graph)
+    for node in nodes:
+        t = node.retained() if node.retained is not None else None
+        if t is not None and t._grad_node is node:
+            _accumulate(t, create_graph, graph)
+
+
+@implements(_T.backward)
+def _tensor_backward(func: Any, args: tuple, kwargs: dict) -> None:
+    return _run_backward(func, args, kwargs, *_bind_tensor_backward(*args, **kwargs))
+
+
+def _bind_tensor_backward(self: Any, gradient: Any = None, retain_graph: Any = None,
+                          create_graph: bool = False, inputs: Any = None) -> tuple:
+    return [self], [gradient], _as_list(inputs), create_graph
+
+
+@implements(torch.autograd.backward)
+def _autograd_backward(func: Any, args: tuple, kwargs: dict) -> None:
+    return _run_backward(func, args, kwargs, *_bind_autograd_backward(*args, **kwargs))
+
+
+def _bind_autograd_backward(tensors: Any, grad_tensors: Any = None, retain_graph: Any = None,
+                            create_graph: bool = False, grad_variables: Any = None,
+                            inputs: Any = None) -> tuple:
+    tensors = _as_list(tensors)
+    grads = _as_list(grad_tensors if grad_tensors is not None else grad_variables) or [None] * len(tensors)
+    return tensors, grads, _as_list(inputs), create_graph
+
+
+def _run_backward(func: Any, args: tuple, kwargs: dict, tensors: list, grads: list, inputs: list,
+                  create_graph: bool) -> None:
+    from .dispatch import queue
+    if len(grads) != len(tensors):
+        raise RuntimeError(f"got {len(grads)} gradients for {len(tensors)} tensors")
+    _backward(tensors, grads, inputs, create_graph)
+    queue(func, args, kwargs)
+
+
+@implements(torch.autograd.grad)
+def _autograd_grad(func: Any, args: tuple, kwargs: dict) -> Any:
+    return _grad(func, args, kwargs, *args, **kwargs)
+
+
+def _grad(func: Any, args: tuple, kwargs: dict, outputs: Any, inputs: Any, grad_outputs: Any = None,
+          retain_graph: Any = None, create_graph: bool = False, only_inputs: bool = True,
+          allow_unused: bool | None = None, is_grads_batched: bool = False,
+          materialize_grads: bool = False) -> Any:
+    from .dispatch import queue, remote_call, wrap_new
+    if is_grads_batched or not all(isinstance(t, RemoteTensor) for t in _as_list(inputs)):
+        return remote_call(func, args, kwargs, sync=True)  # rare forms: the worker answers exactly
+    outs = _as_list(outputs)
+    grads = _as_list(grad_outputs) or [None] * len(outs)
+    roots = _check_roots(outs, grads)
+    seen, _, _ = _walk(roots)
+    allow_unused = materialize_grads if allow_unused is None else allow_unused
+    graph = tuple(roots)
+    metas: list = []
+    for i, t in enumerate(_as_list(inputs)):
+        e = edge_of(t)
+        if e is None:
+            raise RuntimeError("One of the differentiated Tensors does not require grad")
+        if id(e) in seen or materialize_grads:
+            metas.append(grad_meta(t, requires_grad=create_graph))
+        elif allow_unused:
+            metas.append(None)
+        else:
+            raise RuntimeError(f"The differentiated Tensor at index {i} appears to not have been used in "
+                               f"the graph. Set allow_unused=True if this is the desired behavior.")
+    worker, op_id = queue(func, args, kwargs)
+    results, k = [], 0
+    for meta in metas:
+        if meta is None:
+            results.append(None)
+            continue
+        r = wrap_new(meta, worker, m.ClientRef(op_id, k))
+        k += 1
+        if create_graph:
+            r._grad_node = Node("GradBackward", graph)
+        results.append(r)
+    return tuple(results)
+
+
+# --- the attributes torch answers locally --------------------------------------------------------
+
+@implements(_T.requires_grad.__get__)
+def _requires_grad(func: Any, args: tuple, kwargs: dict) -> bool:
+    t = args[0]
+    if t._view_base is not None:
+        refresh(t)
+    return t._rg
+
+
+@implements(_T.is_leaf.__get__)
+def _is_leaf(func: Any, args: tuple, kwargs: dict) -> bool:
+    t = args[0]
+    return edge_of(t) is None or t._grad_node is None
+
+
+@implements(_T.grad_fn.__get__)
+def _grad_fn(func: Any, args: tuple, kwargs: dict) -> Node | None:
+    t = args[0]
+    e = edge_of(t)
+    return e if isinstance(e, Node) else None
+
+
+@implements(_T.retains_grad.__get__)
+def _retains_grad(func: Any, args: tuple, kwargs: dict) -> bool:
+    node = _grad_fn(func, args, kwargs)
+    return node is not None and node.retained is not None and node.retained() is args[0]
+
+
+@implements(_T.retain_grad)
+def _retain_grad(func: Any, args: tuple, kwargs: dict) -> None:
+    from .dispatch import queue
+    t = args[0]
+    e = edge_of(t)
+    if e is None:
+        raise RuntimeError("can't retain_grad on Tensor that has requires_grad=False")
+    if isinstance(e, Node) and e.retained is None:
+        e.retained = weakref.ref(t)
+        queue(func, args, kwargs)
+
+
+def _set_requires_grad(t: RemoteTensor, value: bool, dtypes: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"requires_grad must be a bool, not {type(value).__name__}")
+    if edge_of(t) is not None and t._grad_node is not None:
+        if not value:
+            raise RuntimeError(
+                "you can only change requires_grad flags of leaf variables. If you want to use a "
+                "computed variable in a subgraph that doesn't require differentiation use "
+                "var_no_grad = var.detach().")
+        return
+    if value and not (t.dtype.is_floating_point or t.dtype.is_complex):
+        raise RuntimeError(f"only Tensors of {dtypes} dtype can require gradients")
+    t._rg = value
+
+
+@implements(_T.requires_grad_)
+def _requires_grad_(func: Any, args: tuple, kwargs: dict) -> RemoteTensor:
+    from .dispatch import queue
+    t, value = _bind_requires_grad_(*args, **kwargs)
+    _set_requires_grad(t, value, "floating point")  # torch's own wording for each form
+    queue(func, args, kwargs, returns_self=True)
+    return t
+
+
+def _bind_requires_grad_(self: Any, requires_grad: bool = True) -> tuple:
+    return self, requires_grad
+
+
+@implements(_T.requires_grad.__set__)
+def _requires_grad_set(func: Any, args: tuple, kwargs: dict) -> None:
+    from .dispatch import queue
+    _set_requires_grad(args[0], args[1], "floating point and complex")
+    queue(func, args, kwargs)
+
+
+@implements(_T.grad.__get__)
+def _grad_get(func: Any, args: tuple, kwargs: dict) -> RemoteTensor | None:
+    from .dispatch import queue, wrap_new
+    t = args[0]
+    g = t._grad_ptr
+    if g is None:
+        if edge_of(t) is not None and t._grad_node is not None and not _retains_grad(func, args, kwargs):
+            warnings.warn(
+                "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad "
+                "attribute won't be populated during autograd.backward(). If you indeed want the .grad "
+                "field to be populated for a non-leaf Tensor, use .retain_grad() on the non-leaf Tensor.",
+                UserWarning, stacklevel=3)
+        return None
+    if isinstance(g, RemoteTensor):
+        return g
+    # made by a backward queued earlier: a pointer to it, by a getter queued after that backward
+    pending = g if isinstance(g, _GradPending) else None
+    worker, op_id = queue(func, args, kwargs)
+    r = wrap_new(pending.meta if pending else g, worker, m.ClientRef(op_id, 0))
+    if pending is not None:
+        r._grad_node = pending.node
+    t._grad_ptr = r
+    return r
+
+
+@implements(_T.grad.__set__)
+def _grad_set(func: Any, args: tuple, kwargs: dict) -> None:
+    from .dispatch import queue
+    t, g = args[0], args[1]
+    if g is not None:
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"assigned grad expected to be a Tensor or None but got grad of type "
+                            f"{type(g).__name__}")
+        if not isinstance(g, RemoteTensor) or g._worker is not t._worker:
+            raise RuntimeError(f"assigned grad has data located on a different device: {g.device} "
+                               f"instead of {t.device}")
+        if g.dtype != t.dtype:
+            raise RuntimeError("assigned grad has data of a different type")
+        if g.shape != t.shape:
+            raise RuntimeError("assigned grad has data of a different size")
+    t._grad_ptr = g
+    queue(func, args, kwargs)
+
+
