@@ -45,7 +45,8 @@ class Worker:
         self.url = url
         token = token if token is not None else os.environ.get("TORCHREMOTE_TOKEN")
         self._protocol = ClientProtocol(name or f"client-{os.getpid()}", token)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()        # the protocol's state: held only to queue or take
+        self._send_lock = threading.Lock()    # one frame on the socket at a time, in the order taken
         self._pending: dict[int, Future] = {}
         self._deferred: list[m.Failure] = []
         self._closed: WorkerConnectionError | None = None
@@ -111,8 +112,7 @@ class Worker:
         if self._closed is not None:
             return
         try:
-            with self._lock:
-                self._flush_locked()
+            self._flush()
         except TorchRemoteError:
             pass
         self._shutdown(WorkerConnectionError(f"the connection to worker {self.id!r} was closed"))
@@ -134,40 +134,45 @@ class Worker:
     def _put(self, tensor: torch.Tensor, device: str = "") -> RemoteTensor:
         meta = wire.meta_after_transfer(tensor)
         nbytes = tensor.numel() * tensor.element_size()
-        with self._lock:
-            self._check_open()
-            if nbytes <= self._chunk_bytes:
+        if nbytes <= self._chunk_bytes:
+            with self._lock:
+                self._check_open()
                 ref = self._protocol.put(tensor.detach(), tensor.requires_grad, device)
-                self._flush_locked()  # the bytes leave now: no snapshot copy; `tensor` may change after
-            else:
-                ref = self._put_chunked(tensor, device)
+            self._flush()  # the bytes leave now: no snapshot copy; `tensor` may change after
+        else:
+            self._check_open()
+            ref = self._put_chunked(tensor, device)
         return RemoteTensor._wrap(meta, self, ref)
 
     def _put_chunked(self, tensor: torch.Tensor, device: str) -> m.ClientRef:
         """A large tensor, one chunk per message: neither side ever holds a second full copy."""
         header, chunks = wire.split_for_transfer(tensor.detach(), self._chunk_bytes)
-        ref = self._protocol.put_begin(header, tensor.requires_grad, device)
-        self._flush_locked()
+        with self._lock:
+            ref = self._protocol.put_begin(header, tensor.requires_grad, device)
+        self._flush()
         bar = transfer_bar(header.nbytes, f"send to {self.id}")
         try:
             for offset, data in chunks:
-                self._protocol.chunk(ref.op_id, offset, data)
-                self._flush_locked()
+                with self._lock:
+                    self._protocol.chunk(ref.op_id, offset, data)
+                self._flush()
                 bar.update(data.numel())
         finally:
             bar.close()
         return ref
 
     def _call(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> int:
-        self._check_size(nbytes, op)
+        if nbytes:
+            self._check_size(nbytes, op)
+            self._make_room(nbytes)
         with self._lock:
             self._check_open()
-            self._make_room(nbytes)
             op_id = self._protocol.call(op, args, kwargs, reply=False,
                                         grad_enabled=torch.is_grad_enabled(), nbytes=nbytes)
-            if self._protocol.pending_commands >= MAX_QUEUED_COMMANDS:
-                self._flush_locked()
-        if not self._wake.is_set():
+            full = self._protocol.pending_commands >= MAX_QUEUED_COMMANDS
+        if full:
+            self._flush()  # back-pressure: the caller sends the batch itself
+        elif not self._wake.is_set():
             self._wake.set()
         return op_id
 
@@ -205,12 +210,12 @@ class Worker:
     def _ask(self, queue: Any, what: str, nbytes: int = 0) -> tuple[int, Any]:
         """Queue one command that wants an answer (`queue()`, under the lock), send it, and wait."""
         self._check_size(nbytes, what)
+        self._make_room(nbytes)
         with self._lock:
             self._check_open()
-            self._make_room(nbytes)
             req_id = queue()
             future = self._pending[req_id] = Future()
-            self._flush_locked()
+        self._flush()
         return req_id, self._wait(future, what)
 
     def _wait(self, future: Future, what: str) -> Any:
@@ -237,17 +242,22 @@ class Worker:
     def _make_room(self, nbytes: int) -> None:
         """Send what is queued first if adding `nbytes` would make the frame too large."""
         if nbytes and self._protocol.pending_bytes + nbytes + FRAME_OVERHEAD > self.max_message_bytes:
-            self._flush_locked()
+            self._flush()
 
     def _check_open(self) -> None:
         if self._closed is not None:
             raise WorkerConnectionError(str(self._closed))
 
-    def _flush_locked(self) -> None:
-        chunks = self._protocol.data_to_send()
-        if not chunks:
-            return
+    def _flush(self) -> None:
+        """Send everything queued as one frame. The queue is taken under the state lock, which is
+        then let go: callers queueing ops never wait while this thread encodes and sends."""
+        with self._lock:
+            items = self._protocol.take()
+            if not items:
+                return
+            self._send_lock.acquire()  # taken in the order frames were taken: they leave in order
         try:
+            chunks = self._protocol.encode(items)
             send_chunks(self._ws, chunks)
         except wire.EncodeError:
             raise
@@ -255,6 +265,8 @@ class Worker:
             err = WorkerConnectionError(f"lost the connection to worker {self.id!r} at {self.url}: {e}")
             self._shutdown(err)
             raise err from e
+        finally:
+            self._send_lock.release()
 
     def _write_loop(self) -> None:
         while self._closed is None:
@@ -262,9 +274,8 @@ class Worker:
             self._wake.clear()
             if self._protocol.pending_commands or self._protocol.pending_releases:
                 try:
-                    with self._lock:
-                        if self._closed is None:
-                            self._flush_locked()
+                    if self._closed is None:
+                        self._flush()
                 except wire.EncodeError as e:  # an argument the wire cannot carry: fail that batch
                     self._deferred.append(m.Failure(None, None, m.ErrorInfo("TypeError", str(e))))
                 except TorchRemoteError:

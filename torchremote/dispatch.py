@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import device as devices
 from . import messages as m
-from . import inference, ops, remote_code, wire
+from . import arguments, inference, ops, remote_code, wire
 from .device import BACKEND
 from .inference import NO_GRAD
 from .tensor import RemoteTensor
@@ -26,18 +26,7 @@ if TYPE_CHECKING:
     from .client import Worker
 
 
-_FLAT = None  # the spec of a call whose arguments are all leaves: no pytree needed
-_CONTAINERS = (list, tuple, dict)
-
-
-def _flatten(args: tuple, kwargs: dict) -> tuple[list, Any]:
-    if not kwargs and not any(isinstance(a, _CONTAINERS) for a in args):
-        return list(args), _FLAT
-    return tree_flatten((args, kwargs))
-
-
-def _unflatten(flat: list, spec: Any) -> tuple[tuple, dict]:
-    return (tuple(flat), {}) if spec is _FLAT else tree_unflatten(flat, spec)
+_flatten, _unflatten = arguments.flatten, arguments.unflatten
 
 
 def dispatch(func: Callable, args: tuple, kwargs: dict, worker: "Worker | None" = None) -> Any:
@@ -175,10 +164,15 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _plan_key(func: Callable, flat: list, spec: Any) -> tuple[Any, bool]:
+def _plan_key(func: Callable, name: str, flat: list, spec: Any) -> tuple[Any, bool]:
     """The cache key of a call: the op, its arguments' metadata and autograd standing, the grad
-    mode; and whether any input requires grad (then the plan records autograd)."""
+    mode; and whether any input requires grad (then the plan records autograd).
+
+    Float scalars of a `_foreach_*` op count by type, not value: those ops are elementwise, so the
+    value cannot change the plan, and an optimizer passes new ones every step (bias corrections,
+    a scheduled learning rate)."""
     parts: list[Any] = [func, spec, torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+    elementwise = "_foreach_" in name
     grad = False
     seen: dict[int, int] = {}
     for i, a in enumerate(flat):
@@ -193,6 +187,8 @@ def _plan_key(func: Callable, flat: list, spec: Any) -> tuple[Any, bool]:
             parts.append((seen.setdefault(id(a), i), "local", inference.tensor_key(a)))
         elif type(a) is slice:
             parts.append((slice, a.start, a.stop, a.step))
+        elif elementwise and type(a) is float:
+            parts.append(float)
         else:
             parts.append((type(a), a))
     key = tuple(parts)
@@ -204,7 +200,7 @@ def _plan_key(func: Callable, flat: list, spec: Any) -> tuple[Any, bool]:
 
 
 def _plan(func: Callable, name: str, flat: list, spec: Any) -> inference.Plan | None:
-    key, grad = _plan_key(func, flat, spec)
+    key, grad = _plan_key(func, name, flat, spec)
     if key is not None:
         hit = inference.lookup(key)
         if hit is not None:
@@ -264,6 +260,8 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
         results.append(r)
     if plan.records_grad:
         autograd.record(plan, flat, results)
+    if plan.spec is None:
+        return results[0]
     return tree_unflatten(results, plan.spec)
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
+
+from . import arguments
 
 from .messages import TensorMeta
 
@@ -44,7 +46,8 @@ class Out:
 
 
 class Plan:
-    """The outputs of a call (`outs`, flat, and `spec` to rebuild them), and for an uncached run the
+    """The outputs of a call (`outs`, flat, and `spec` to rebuild them, None for a single output),
+    and for an uncached run the
     meta tensors it produced (`metas`, views still aliasing the inputs' stand-ins)."""
 
     __slots__ = ("spec", "outs", "metas", "records_grad")
@@ -93,10 +96,12 @@ def plan(func: Callable, name: str, key: Any, inputs: list, standings: list | No
 
 def _run_meta(func: Callable, name: str, inputs: list, spec: Any, before: list) -> tuple[Plan | None, bool]:
     try:
-        args, kwargs = (tuple(inputs), {}) if spec is None else tree_unflatten(inputs, spec)
+        args, kwargs = arguments.unflatten(inputs, spec)
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
         out_flat, out_spec = tree_flatten(out)
+        if out_spec.is_leaf():
+            out_spec = None  # one output: no pytree to rebuild
     except Exception:
         return None, _unchanged(inputs, before)
     unchanged = _unchanged(inputs, before)
@@ -169,7 +174,7 @@ def _add_autograd(result: Plan, func: Callable, inputs: list, before: list, stan
             stops.setdefault(id(base) if standing == VIEW_OF_LEAF else id(base.grad_fn), i)
     grad_fns_before = [t.grad_fn if isinstance(t, torch.Tensor) else None for t in fresh]
     try:
-        args, kwargs = (tuple(fresh), {}) if spec is None else tree_unflatten(fresh, spec)
+        args, kwargs = arguments.unflatten(fresh, spec)
         with torch._C.DisableTorchFunctionSubclass(), _autograd_on():
             out_flat = tree_flatten(func(*args, **kwargs))[0]
     except Exception:

@@ -24,6 +24,10 @@ from .errors import ProtocolError, from_info, to_info
 Chunks = list  # list[bytes | memoryview]: the parts of one websocket message, in order
 
 
+def _queued_count(release: tuple[int, m.ClientRef]) -> int:
+    return release[0]
+
+
 class ClientProtocol:
     def __init__(self, client_name: str = "client", token: str | None = None) -> None:
         self.client_name = client_name
@@ -113,22 +117,39 @@ class ClientProtocol:
         return len(self._outbox)
 
     def data_to_send(self) -> Chunks:
-        """The next frame: queued commands, each release placed after the commands that were
-        queued before its pointer died (a later command cannot name a dead pointer; an earlier may)."""
+        """The next frame: `encode(take())`, or an empty list when nothing is queued."""
+        items = self.take()
+        return self.encode(items) if items else []
+
+    def take(self) -> list:
+        """The items of the next frame, taken off the queue: the queued commands, each release
+        placed after the commands that were queued before its pointer died (a later command cannot
+        name a dead pointer; an earlier may). Linear in commands plus releases."""
         releases = []
         while self._releases:
             releases.append(self._releases.popleft())
+        releases.sort(key=_queued_count)  # already in order but for a race between threads
         commands, self._outbox = self._outbox, []
         self.pending_bytes = 0
         first = self._queued - len(commands)  # the count before this frame's first command
         items: list = []
-        for position in range(len(commands) + 1):
-            due = tuple(ref for queued, ref in releases if max(queued - first, 0) == position)
-            if due:
-                items.append(m.Release(due))
-            if position < len(commands):
-                items.append(commands[position])
-        return wire.encode(items) if items else []
+        r, n = 0, len(releases)
+        for position, command in enumerate(commands):
+            if r < n and releases[r][0] - first <= position:
+                due = []
+                while r < n and releases[r][0] - first <= position:
+                    due.append(releases[r][1])
+                    r += 1
+                items.append(m.Release(tuple(due)))
+            items.append(command)
+        if r < n:
+            items.append(m.Release(tuple(ref for _, ref in releases[r:])))
+        return items
+
+    @staticmethod
+    def encode(items: list) -> Chunks:
+        """The frame for taken items (needs no lock: it touches no session state)."""
+        return wire.encode(items)
 
     def receive_data(self, data: bytes) -> list:
         """The replies and failures in a message; a chunked tensor is returned once complete."""
