@@ -33,6 +33,7 @@ from . import wire
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
 FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
 RELEASE_POLL_S = 0.05        # how often released pointers are sent when nothing else is
+COALESCE_S = float(os.environ.get("TORCHREMOTE_COALESCE_S", 0.0005))  # gather time of a background batch
 
 
 class Worker:
@@ -272,6 +273,9 @@ class Worker:
         while self._closed is None:
             self._wake.wait(RELEASE_POLL_S)
             self._wake.clear()
+            # Let a burst of ops gather first: this thread takes the GIL once per batch, not once
+            # per op, and a caller that needs an answer sends the batch itself without waiting.
+            time.sleep(COALESCE_S)
             if self._protocol.pending_commands or self._protocol.pending_releases:
                 try:
                     if self._closed is None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-PROTOCOL_VERSION = 1
-MAGIC = b"TRM1"                      # first bytes of every frame
+PROTOCOL_VERSION = 2
+MAGIC = b"TRM2"                      # first bytes of every frame (and the wire version)
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
 CHUNK_BYTES = 4 << 20               # tensors larger than this travel as a header, then chunks

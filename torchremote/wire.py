@@ -4,8 +4,9 @@ A frame is one websocket message:
 
     MAGIC | u32 body_len | u32 table_len | body | table | buffer 0 | buffer 1 | ...
 
-`body` is msgpack: the list of items of a batch (`messages.py`), torch values carried as msgpack ext
-types. `table` is msgpack: one `[dtype, shape, perm]` entry per tensor in the body, in order. Each
+`body` is msgpack: the list of items of a batch (`messages.py`), each a plain array `[type code,
+*fields]` (an op's positional arguments as an array too), and torch values inside them carried as
+msgpack ext types. Object references, the commonest value, are a fixed 16-byte ext. `table` is msgpack: one `[dtype, shape, perm]` entry per tensor in the body, in order. Each
 buffer holds that tensor's elements, raw and little-endian, in memory order: a tensor whose strides
 are a permutation of a contiguous layout (a transpose, channels-last) travels as is and keeps its
 strides; any other view travels compacted, as `clone()` would lay it out. So a view of a large
@@ -28,6 +29,7 @@ from . import messages as m
 from .errors import ProtocolError
 
 _PREFIX = struct.Struct("<4sII")
+_REF = struct.Struct("<qq")  # ClientRef: op id, output index
 MAX_DIMS = 64
 
 DTYPES: dict[str, torch.dtype] = {
@@ -138,19 +140,35 @@ class _Encoder:
     def __init__(self) -> None:
         self.table: list[list] = []
         self.buffers: list[memoryview] = []
+        self._packers: list[msgpack.Packer] = []  # one per nesting depth of ext values, reused
+        self._depth = 0
 
     def pack(self, obj: Any) -> bytes:
+        depth = self._depth
+        if depth == len(self._packers):
+            self._packers.append(msgpack.Packer(default=self.default, strict_types=True, use_bin_type=True))
+        self._depth = depth + 1
         try:
-            return msgpack.packb(obj, default=self.default, strict_types=True, use_bin_type=True)
+            return self._packers[depth].pack(obj)
         except (OverflowError, ValueError) as e:
             raise EncodeError(f"cannot send {type(obj).__name__}: {e}") from None
+        finally:
+            self._depth = depth
+
+    def item(self, obj: Any) -> list:
+        """A batch item as a plain array: its type code, then its fields."""
+        values = [_STRUCT_CODE[type(obj)]]
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            values.append(list(v) if f.name == "args" else v)
+        return values
 
     def default(self, obj: Any) -> msgpack.ExtType:
         pack = self.pack
+        if type(obj) is m.ClientRef:
+            return msgpack.ExtType(_CLIENT_REF, _REF.pack(obj.op_id, obj.index))
         if isinstance(obj, torch.Tensor):
             return msgpack.ExtType(_TENSOR, pack(self.add_tensor(obj)))
-        if type(obj) is m.ClientRef:
-            return msgpack.ExtType(_CLIENT_REF, pack([obj.op_id, obj.index]))
         if type(obj) is m.PublishedRef:
             return msgpack.ExtType(_PUB_REF, pack(obj.pub_id))
         if type(obj) is tuple:
@@ -280,7 +298,7 @@ class Assembly:
 def encode(items: list) -> list[bytes | memoryview]:
     """Encode a batch as the chunks of one frame (send them as one message, in order)."""
     enc = _Encoder()
-    body = enc.pack(list(items))
+    body = enc.pack([enc.item(i) for i in items])
     table = enc.pack(enc.table)
     chunks: list[bytes | memoryview] = [_PREFIX.pack(m.MAGIC, len(body), len(table)) + body + table]
     chunks.extend(b for b in enc.buffers if len(b))
@@ -313,6 +331,10 @@ def _is_shape(v: Any) -> bool:
     return type(v) is tuple and all(type(s) is int for s in v)
 
 
+def _is_args(v: Any) -> bool:
+    return type(v) is tuple
+
+
 def _any(v: Any) -> bool:
     return True
 
@@ -325,7 +347,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.Hello: (_is_int, _of(str), lambda v: v is None or type(v) is str),
     m.Welcome: (_is_int, _of(str), _of(str), _is_int),
     m.Put: (_is_int, _of(torch.Tensor), _of(bool), _of(str)),
-    m.Call: (_is_int, _of(str), _of(tuple), _of(dict), _of(bool), _of(bool)),
+    m.Call: (_is_int, _of(str), _is_args, _of(dict), _of(bool), _of(bool)),
     m.Fetch: (_is_int, _of(m.ClientRef, m.PublishedRef)),
     m.Release: (lambda v: type(v) is tuple and all(type(r) is m.ClientRef for r in v),),
     m.Search: (_is_int, _is_str_tuple),
@@ -341,7 +363,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.ObjectInfo: (_of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _is_str_tuple, _of(str)),
     m.ChunkedTensor: (_of(torch.dtype), _is_shape, lambda v: v is None or _is_shape(v), _is_int),
     m.PutBegin: (_is_int, _of(m.ChunkedTensor), _of(bool), _of(str)),
-    m.Run: (_is_int, _of(bytes), _of(tuple), _of(dict), _of(bool)),
+    m.Run: (_is_int, _of(bytes), _is_args, _of(dict), _of(bool)),
     m.Expect: (_is_int,),
     m.Push: (_is_int, _of(m.ClientRef, m.PublishedRef), _of(str), lambda v: v is None or type(v) is str,
              _of(str)),
@@ -363,15 +385,15 @@ class _Decoder:
     def ext_hook(self, code: int, data: bytes) -> Any:
         if code == _ELLIPSIS:
             return Ellipsis
+        if code == _CLIENT_REF:
+            if len(data) != _REF.size:
+                raise _fail("bad object reference")
+            return m.ClientRef(*_REF.unpack(data))
         v = self.unpack(data)
         if code == _TENSOR:
             if not _is_int(v) or not 0 <= v < len(self.tensors):
                 raise _fail("tensor index out of range")
             return self.tensors[v]
-        if code == _CLIENT_REF:
-            if not (type(v) is list and len(v) == 2 and all(_is_int(x) for x in v)):
-                raise _fail("bad object reference")
-            return m.ClientRef(v[0], v[1])
         if code == _PUB_REF:
             if not _is_int(v):
                 raise _fail("bad published reference")
@@ -419,20 +441,25 @@ class _Decoder:
             except Exception:
                 raise _fail(f"bad {v[0]} value") from None
         if code == _STRUCT:
-            if not (type(v) is list and v and _is_int(v[0]) and 0 <= v[0] < len(_STRUCTS)):
-                raise _fail("unknown message type")
-            cls = _STRUCTS[v[0]]
-            values = v[1:]
-            if len(values) != _STRUCT_ARITY[cls]:
-                raise _fail(f"{cls.__name__} takes {_STRUCT_ARITY[cls]} fields, got {len(values)}")
-            values = [tuple(x) if isinstance(x, list) and (check in (_is_shape, _is_str_tuple)
-                                                           or cls is m.ChunkedTensor) else x
-                      for x, check in zip(values, _FIELD_CHECKS[cls])]
-            for f, x, check in zip(fields(cls), values, _FIELD_CHECKS[cls]):
-                if not check(x):
-                    raise _fail(f"bad {cls.__name__}.{f.name}")
-            return cls(*values)
+            return _struct(v)
         raise _fail(f"unknown ext type {code}")
+
+
+def _struct(v: Any) -> Any:
+    """A message or value type from `[type code, *fields]`, every field checked."""
+    if not (type(v) is list and v and _is_int(v[0]) and 0 <= v[0] < len(_STRUCTS)):
+        raise _fail("unknown message type")
+    cls = _STRUCTS[v[0]]
+    values = v[1:]
+    if len(values) != _STRUCT_ARITY[cls]:
+        raise _fail(f"{cls.__name__} takes {_STRUCT_ARITY[cls]} fields, got {len(values)}")
+    values = [tuple(x) if isinstance(x, list) and (check in (_is_shape, _is_str_tuple, _is_args)
+                                                   or cls is m.ChunkedTensor) else x
+              for x, check in zip(values, _FIELD_CHECKS[cls])]
+    for f, x, check in zip(fields(cls), values, _FIELD_CHECKS[cls]):
+        if not check(x):
+            raise _fail(f"bad {cls.__name__}.{f.name}")
+    return cls(*values)
 
 
 def _decode_table(table: Any, data: memoryview) -> list[torch.Tensor]:
@@ -487,7 +514,10 @@ def decode(data: bytes | bytearray | memoryview) -> list:
         raise _fail(type(e).__name__) from None
     except Exception as e:  # msgpack's own errors: ExtraData, FormatError, StackError, ValueError...
         raise _fail(f"{type(e).__name__}: {e}") from None
-    if type(items) is not list or not all(type(i) in m.MESSAGE_TYPES for i in items):
+    if type(items) is not list:
+        raise _fail("a frame must hold a list of messages")
+    items = [_struct(i) for i in items]
+    if not all(type(i) in m.MESSAGE_TYPES for i in items):
         raise _fail("a frame must hold a list of messages")
     return items
 
