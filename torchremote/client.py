@@ -21,6 +21,7 @@ from websockets.sync.client import connect as ws_connect
 from . import device as devices
 from . import remote_code
 from . import messages as m
+from ._gc import freeze_long_lived
 from ._transport import WEBSOCKET_OPTIONS, send_chunks
 from .errors import TorchRemoteError, WorkerConnectionError, WorkerPermissionError, from_info
 from .progress import transfer_bar
@@ -70,6 +71,7 @@ class Worker:
         self._protocol.on_chunk = self._fetch_progress
         self.client_id: str = welcome.client_id
         self.device: torch.device = devices.register(self)
+        freeze_long_lived()
         self._reader = threading.Thread(target=self._read_loop, name=f"torchremote-read-{self.id}",
                                         daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"torchremote-write-{self.id}",

@@ -63,8 +63,9 @@ def queue(func: Callable, args: tuple, kwargs: dict, *, returns_self: bool = Fal
     if name is None:
         raise NotImplementedError(f"torchremote cannot run {func!r} on a worker")
     _check_sendable(name, worker, flat)
-    wire_args, wire_kwargs = _unflatten(_to_wire(flat), spec)
-    op_id = worker._call(name, wire_args, wire_kwargs, _local_bytes(flat))
+    wire_flat, nbytes = _to_wire(flat)
+    wire_args, wire_kwargs = _unflatten(wire_flat, spec)
+    op_id = worker._call(name, wire_args, wire_kwargs, nbytes)
     if returns_self:
         worker._release(m.ClientRef(op_id, 0))
     return worker, op_id
@@ -79,10 +80,19 @@ def _local_bytes(flat: list) -> int:
                if isinstance(a, torch.Tensor) and not isinstance(a, RemoteTensor))
 
 
-def _to_wire(flat: list) -> list:
-    """Pointers become references; local operands travel as a snapshot taken now."""
-    return [a._ref if isinstance(a, RemoteTensor) else a.detach().clone() if isinstance(a, torch.Tensor)
-            else a for a in flat]
+def _to_wire(flat: list) -> tuple[list, int]:
+    """Pointers become references; local operands travel as a snapshot taken now (their bytes
+    counted, for the message size)."""
+    out, nbytes = [], 0
+    for a in flat:
+        if isinstance(a, torch.Tensor):
+            if isinstance(a, RemoteTensor):
+                a = a._ref
+            else:
+                nbytes += a.numel() * a.element_size()
+                a = a.detach().clone()
+        out.append(a)
+    return out, nbytes
 
 
 def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = None) -> Any:
@@ -103,10 +113,13 @@ def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = Non
     return _call(worker, func, name, flat, spec)
 
 
+_PLAIN = frozenset({RemoteTensor, float, bool, type(None), torch.dtype})  # nothing to check
+
+
 def _check_sendable(name: str, worker: "Worker", flat: list) -> None:
     """Every argument checked before anything is queued: a bad one fails alone, losing nothing."""
     for a in flat:
-        if isinstance(a, RemoteTensor) or isinstance(a, torch.device) and a.type == BACKEND:
+        if type(a) in _PLAIN or isinstance(a, RemoteTensor) or isinstance(a, torch.device) and a.type == BACKEND:
             continue
         if isinstance(a, torch.Tensor) and a.device.type == "meta":
             raise RuntimeError(f"{name}: a meta tensor has no data to send to worker {worker.id!r}")
@@ -230,8 +243,9 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) ->
         if out.kind == inference.IN and not isinstance(flat[out.payload], RemoteTensor):
             raise RuntimeError(f"{name} would write its result into a local tensor; the op runs on "
                                f"worker {worker.id!r}: use a RemoteTensor there (or .get() first)")
-    wire_args, wire_kwargs = _unflatten(_to_wire(flat), spec)
-    op_id = worker._call(name, wire_args, wire_kwargs, _local_bytes(flat))
+    wire_flat, nbytes = _to_wire(flat)
+    wire_args, wire_kwargs = _unflatten(wire_flat, spec)
+    op_id = worker._call(name, wire_args, wire_kwargs, nbytes)
     metas = plan.metas
     results, k = [], 0
     for position, out in enumerate(outs):

@@ -61,7 +61,10 @@ def name_of(func: Callable) -> str | None:
         descriptor = getattr(func, "__self__", None)
         if isinstance(descriptor, _GETSET) and descriptor.__objclass__ is _TensorBase:
             name = f"torch.Tensor.{descriptor.__name__}.{func.__name__}"
-    return name if name is not None and resolve_or_none(name) is not None else None
+    if name is None or resolve_or_none(name) is None:
+        return None
+    _NAME_OF[func] = name  # ATen overloads and property accessors: worked out once
+    return name
 
 
 def is_denied(func: Callable) -> bool:

@@ -19,6 +19,7 @@ import torch
 import websockets
 from websockets.sync.server import ServerConnection, serve
 
+from ._gc import freeze_long_lived
 from . import messages as m
 from ._transport import WEBSOCKET_OPTIONS, send_chunks
 from .errors import ProtocolError, WorkerPermissionError, to_info
@@ -81,6 +82,7 @@ class WorkerServer:
         self.port: int = self._server.socket.getsockname()[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"torchremote-worker-{id}",
                                         daemon=True)
+        freeze_long_lived()
         self._thread.start()
         self.log.info("worker %r listening on %s", id, self.url)
 
