@@ -21,26 +21,32 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 import torchremote as tr
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The one list of op variants known not to match, with why (float32 pass). The test in
-# tests/test_conformance.py fails if one of these starts to match, so the list stays true.
+# The one list of op variants known not to match, with why (float32 and autograd passes). The tests
+# in tests/test_conformance.py fail if one of these starts to match, so the list stays true.
 KNOWN_FAILURES = {
     "to_sparse (function)": "sparse results: torchremote supports strided tensors only",
     "to_sparse (method)": "sparse results: torchremote supports strided tensors only",
     "sparse.sampled_addmm (function)": "sparse CSR inputs cannot be sent",
     "sparse.mm.reduce (function)": "sparse CSR inputs cannot be sent",
-    "nn.functional.linear_cross_entropy.chunked (function)":
-        "a torch_nn:: custom op with no decomposition into ATen ops",
-    "nn.functional.linear_cross_entropy.chunked_none (function)":
-        "a torch_nn:: custom op with no decomposition into ATen ops",
+    "to_sparse (autograd)": "sparse results: torchremote supports strided tensors only",
+    "sparse.sampled_addmm (autograd)": "sparse CSR inputs cannot be sent",
+    "sparse.mm.reduce (autograd)": "sparse CSR inputs cannot be sent",
+    "to (autograd)": "x.to('cpu') fetches the data: the local copy cannot carry the worker's autograd "
+                     "history, so it does not require grad",
+    "nn.functional.linear_cross_entropy.chunked (autograd)":
+        "its Python body, which has no name torchremote may send, runs here with interception off and "
+        "reads input.requires_grad from the pointer itself (False), so it asks its custom op for no "
+        "gradients",
 }
-# The fast slice that `make test` runs (tests/test_conformance.py): every op whose name starts so.
+# The fast slices that `make test` runs (tests/test_conformance.py): every op whose name starts so.
 FAST_SLICE = ("a", "b", "c", "e", "masked.", "nn.functional.", "linalg.", "to")
+FAST_AUTOGRAD_SLICE = ("a", "c", "d", "m", "nn.functional.", "split", "to", "norm", "linalg.norm")
 DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool, "complex64": torch.complex64}
 
 
@@ -161,6 +167,90 @@ def conform(worker: tr.Worker, ops: list, pass_name: str, samples: int) -> list[
     return rows
 
 
+# --- autograd: outputs' requires_grad and torch.autograd.grad, remote against local --------------------
+
+def _leaves(sample) -> tuple:
+    """The sample as fresh leaf tensors (those OpInfo made with requires_grad keep it)."""
+    return tree_map(lambda t: t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t,
+                    (sample.input, sample.args, sample.kwargs))
+
+
+def _grad_pass(fn, sample, worker: tr.Worker | None, seed: int = 0):
+    """(outputs' requires_grad, gradients of the differentiable outputs w.r.t. the inputs that
+    require grad, fetched; None where torch gives None)."""
+    x, args, kwargs = _leaves(sample)
+    if worker is not None:
+        x, args, kwargs = tree_map(
+            lambda t: t.detach().send(worker).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t,
+            (x, args, kwargs))
+        worker.manual_seed(seed)
+    torch.manual_seed(seed)
+    inputs = [t for t in tree_flatten((x, args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    out = fn(x, *args, **kwargs)
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    flags = [t.requires_grad for t in outs]
+    diff = [t for t in outs if t.requires_grad]
+    if not diff or not inputs:
+        return flags, None
+    generator = torch.Generator().manual_seed(seed)
+    grad_outputs = [torch.randn(t.shape, dtype=t.dtype, generator=generator) for t in diff]
+    if worker is not None:
+        grad_outputs = [g.send(worker) for g in grad_outputs]
+    grads = torch.autograd.grad(diff, inputs, grad_outputs, allow_unused=True)
+    return flags, [fetch(g) for g in grads]
+
+
+def run_grad_variant(worker: tr.Worker, fn, samples: list, comparable: bool = True) -> str | None:
+    """None if outputs' requires_grad and the gradients match local torch on every sample."""
+    for sample in samples:
+        random = not comparable or is_random(fn, sample)
+        try:
+            local = _grad_pass(fn, sample, None)
+        except Exception:
+            continue  # local torch cannot differentiate this sample: nothing to compare
+        try:
+            remote = _grad_pass(fn, sample, worker)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        if remote[0] != local[0]:
+            return f"outputs' requires_grad differ: {remote[0]} != {local[0]}"
+        if (remote[1] is None) != (local[1] is None):
+            return "gradients: one side has none"
+        if local[1] is None:
+            continue
+        nones = ([g is None for g in remote[1]], [g is None for g in local[1]])
+        if nones[0] != nones[1]:
+            return f"gradients None at different inputs: {nones[0]} != {nones[1]}"
+        try:
+            compare(remote[1], local[1], random)
+        except Exception as e:
+            return f"gradients mismatch: {type(e).__name__}: {str(e).splitlines()[0]}"
+    return None
+
+
+def conform_autograd(worker: tr.Worker, ops: list, samples: int) -> list[dict]:
+    """The autograd pass: every op that supports autograd, float32, its samples with requires_grad."""
+    rows = []
+    for op in ops:
+        if not op.supports_autograd or torch.float32 not in op.supported_dtypes("cpu"):
+            continue
+        try:
+            inputs = list(op.sample_inputs("cpu", torch.float32, requires_grad=True))[:samples]
+        except Exception:
+            continue
+        if not inputs:
+            continue
+        name = f"{op.name}{'.' + op.variant_test_name if op.variant_test_name else ''} (autograd)"
+        try:
+            reason = run_grad_variant(worker, op.op, inputs, values_comparable(op))
+        except tr.WorkerConnectionError:
+            raise
+        except Exception as e:
+            reason = f"runner: {type(e).__name__}: {e}"
+        rows.append({"variant": name, "dtype": "torch.float32", "ok": reason is None, "reason": reason})
+    return rows
+
+
 def select(prefixes: tuple[str, ...] = ()) -> list:
     from torch.testing._internal.common_methods_invocations import op_db
     return [op for op in op_db if not prefixes or op.name.startswith(prefixes)]
@@ -174,7 +264,8 @@ def cause(reason: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", default="float32,int64,bool,complex64")
+    parser.add_argument("--dtypes", default="float32,int64,bool,complex64,autograd",
+                        help="passes to run: dtypes, and `autograd`")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--ops", default="", help="only ops whose name starts with one of these (comma list)")
     args = parser.parse_args(argv)
@@ -186,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         for pass_name in args.dtypes.split(","):
-            rows = conform(worker, ops, pass_name, args.samples)
+            rows = (conform_autograd(worker, ops, args.samples) if pass_name == "autograd"
+                    else conform(worker, ops, pass_name, args.samples))
             report["passes"][pass_name] = rows
             ok = sum(r["ok"] for r in rows)
             print(f"{pass_name}: {ok}/{len(rows)} op variants match ({100 * ok / max(len(rows), 1):.1f}%)",

@@ -28,7 +28,7 @@ import torch
 from . import inference
 from . import messages as m
 from .inference import LEAF, NO_GRAD, NON_LEAF, VIEW_OF_LEAF, VIEW_OF_NON_LEAF
-from .ops import implements
+from .ops import GRADS_OF, implements
 from .tensor import RemoteTensor
 
 _T = torch.Tensor
@@ -208,52 +208,55 @@ def _as_list(v: Any) -> list:
     return list(v)
 
 
-def grad_meta(t: RemoteTensor, requires_grad: bool = False) -> m.TensorMeta:
+_grad_metas: dict[tuple, m.TensorMeta] = {}
+
+
+def grad_meta(t: RemoteTensor, requires_grad: bool = False, contiguous: bool = False) -> m.TensorMeta:
     """The metadata of a gradient torch makes for `t`: its strides if dense, else contiguous."""
-    from .wire import strides_after_transfer
-    meta = t._stand_in()
-    dense = strides_after_transfer(meta) == tuple(meta.stride())
-    stride = tuple(meta.stride()) if dense else tuple(torch.empty(meta.shape, device="meta").stride())
-    return m.TensorMeta(tuple(meta.shape), stride, 0, meta.dtype, requires_grad)
+    key = (t._meta_key(), requires_grad, contiguous)
+    meta = _grad_metas.get(key)
+    if meta is None:
+        from .wire import strides_after_transfer
+        stand_in = t._stand_in()
+        stride = tuple(stand_in.stride())
+        if contiguous or strides_after_transfer(stand_in) != stride:
+            stride = tuple(torch.empty(stand_in.shape, device="meta").stride())
+        meta = _grad_metas[key] = m.TensorMeta(tuple(stand_in.shape), stride, 0, stand_in.dtype, requires_grad)
+    return meta
 
 
-def _accumulate(t: RemoteTensor, create_graph: bool, graph: tuple) -> None:
-    """`t` receives a gradient: a new `.grad`, or the existing one accumulated in place."""
-    g = t._grad_ptr
-    if g is None or create_graph:  # with create_graph, accumulation makes a new tensor
-        t._grad_ptr = grad_meta(t, requires_grad=create_graph)
-        if create_graph:
-            t._grad_ptr = _GradPending(t._grad_ptr, Node("AccumulateGradBackward", graph))
+def _receives(t: RemoteTensor, create_graph: bool, retained: bool, new: list) -> None:
+    """`t` receives a gradient. A new `.grad` object goes on `new`: there is none yet, or it is a
+    retain_grad() tensor's (a contiguous clone, then `grad + new`: a new tensor each time), or
+    create_graph makes the sum out of place. Otherwise the worker accumulates in place, and the
+    pointer the client holds stays right."""
+    if t._grad_ptr is None or retained or create_graph:
+        new.append((t, grad_meta(t, create_graph, contiguous=retained)))
 
 
-class _GradPending:
-    """A `.grad` made with create_graph: it requires grad, and its history reaches `node`'s."""
-
-    __slots__ = ("meta", "node")
-
-    def __init__(self, meta: m.TensorMeta, node: Node) -> None:
-        self.meta, self.node = meta, node
-
-
-def _backward(tensors: list, grads: list, inputs: list, create_graph: bool) -> None:
+def _backward(tensors: list, grads: list, inputs: list, create_graph: bool) -> list:
+    """Check the roots, walk the graph; the tensors that get a new `.grad` object, with its metadata."""
     roots = _check_roots(tensors, grads)
     seen, leaves, nodes = _walk(roots)
-    graph = tuple(roots) + tuple(g for g in (edge_of(g) if isinstance(g, RemoteTensor) else None
-                                             for g in grads) if g is not None)
+    new: list = []
+    targets = None
     if inputs:
+        targets = set()
         for t in inputs:
             e = edge_of(t) if isinstance(t, RemoteTensor) else None
             if e is None:
                 raise RuntimeError("One of the differentiated Tensors does not require grad")
+            targets.add(id(e))
             if id(e) in seen:
-                _accumulate(t, create_graph, graph)
-        return
-    for leaf in leaves:
-        _accumulate(leaf, create_graph, graph)
-    for node in nodes:
+                _receives(t, create_graph, isinstance(e, Node), new)
+    else:
+        for leaf in leaves:
+            _receives(leaf, create_graph, False, new)
+    for node in nodes:  # retain_grad() tensors whose node the engine runs
         t = node.retained() if node.retained is not None else None
-        if t is not None and t._grad_node is node:
-            _accumulate(t, create_graph, graph)
+        if t is not None and t._grad_node is node and (targets is None or targets & _walk([node])[0]):
+            _receives(t, create_graph, True, new)
+    return new
 
 
 @implements(_T.backward)
@@ -281,11 +284,23 @@ def _bind_autograd_backward(tensors: Any, grad_tensors: Any = None, retain_graph
 
 def _run_backward(func: Any, args: tuple, kwargs: dict, tensors: list, grads: list, inputs: list,
                   create_graph: bool) -> None:
-    from .dispatch import queue
+    """Queue the backward, then one op that names every `.grad` it makes: pointers to all the new
+    gradients, with no message per parameter."""
+    from .dispatch import queue, wrap_new
     if len(grads) != len(tensors):
         raise RuntimeError(f"got {len(grads)} gradients for {len(tensors)} tensors")
-    _backward(tensors, grads, inputs, create_graph)
-    queue(func, args, kwargs)
+    new = _backward(tensors, grads, inputs, create_graph)
+    worker, _ = queue(func, args, kwargs)
+    if not new:
+        return
+    op_id = worker._call(GRADS_OF, tuple(t._ref for t, _ in new), {})
+    history = (tuple(e for e in (edge_of(t) for t in tensors) if e is not None)
+               + tuple(e for e in (edge_of(g) for g in grads if isinstance(g, RemoteTensor)) if e is not None))
+    for k, (t, meta) in enumerate(new):
+        g = wrap_new(meta, worker, m.ClientRef(op_id, k))
+        if create_graph:  # a gradient with a graph of its own: its history reaches the backward's
+            g._grad_node = Node("AccumulateGradBackward", history)
+        t._grad_ptr = g
 
 
 @implements(torch.autograd.grad)
@@ -410,27 +425,16 @@ def _requires_grad_set(func: Any, args: tuple, kwargs: dict) -> None:
 
 @implements(_T.grad.__get__)
 def _grad_get(func: Any, args: tuple, kwargs: dict) -> RemoteTensor | None:
-    from .dispatch import queue, wrap_new
     t = args[0]
     g = t._grad_ptr
-    if g is None:
-        if edge_of(t) is not None and t._grad_node is not None and not _retains_grad(func, args, kwargs):
-            warnings.warn(
-                "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad "
-                "attribute won't be populated during autograd.backward(). If you indeed want the .grad "
-                "field to be populated for a non-leaf Tensor, use .retain_grad() on the non-leaf Tensor.",
-                UserWarning, stacklevel=3)
-        return None
-    if isinstance(g, RemoteTensor):
-        return g
-    # made by a backward queued earlier: a pointer to it, by a getter queued after that backward
-    pending = g if isinstance(g, _GradPending) else None
-    worker, op_id = queue(func, args, kwargs)
-    r = wrap_new(pending.meta if pending else g, worker, m.ClientRef(op_id, 0))
-    if pending is not None:
-        r._grad_node = pending.node
-    t._grad_ptr = r
-    return r
+    if g is None and edge_of(t) is not None and t._grad_node is not None \
+            and not _retains_grad(func, args, kwargs):
+        warnings.warn(
+            "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed. Its .grad "
+            "attribute won't be populated during autograd.backward(). If you indeed want the .grad "
+            "field to be populated for a non-leaf Tensor, use .retain_grad() on the non-leaf Tensor.",
+            UserWarning, stacklevel=3)
+    return g
 
 
 @implements(_T.grad.__set__)
@@ -449,6 +453,9 @@ def _grad_set(func: Any, args: tuple, kwargs: dict) -> None:
         if g.shape != t.shape:
             raise RuntimeError("assigned grad has data of a different size")
     t._grad_ptr = g
-    queue(func, args, kwargs)
+    if g is None:  # zero_grad() does this for every parameter: one message for them all
+        t._worker._set_grad_none_later(t)
+    else:
+        queue(func, args, kwargs)
 
 

@@ -23,6 +23,7 @@ from . import remote_code
 from . import messages as m
 from ._gc import freeze_long_lived
 from ._transport import WEBSOCKET_OPTIONS, send_chunks
+from .ops import SET_GRADS_NONE
 from .errors import TorchRemoteError, WorkerConnectionError, WorkerPermissionError, from_info
 from .progress import transfer_bar
 from .protocol import ClientProtocol
@@ -49,6 +50,7 @@ class Worker:
         self._protocol = ClientProtocol(name or f"client-{os.getpid()}", token)
         self._lock = threading.RLock()        # the protocol's state: held only to queue or take
         self._send_lock = threading.Lock()    # one frame on the socket at a time, in the order taken
+        self._grads_to_reset: list[RemoteTensor] = []  # `p.grad = None`, sent as one op before the next
         self._pending: dict[int, Future] = {}
         self._deferred: list[m.Failure] = []
         self._closed: WorkerConnectionError | None = None
@@ -140,6 +142,7 @@ class Worker:
         if nbytes <= self._chunk_bytes:
             with self._lock:
                 self._check_open()
+                self._queue_grad_resets()
                 ref = self._protocol.put(tensor.detach(), tensor.requires_grad, device)
             self._flush()  # the bytes leave now: no snapshot copy; `tensor` may change after
         else:
@@ -151,6 +154,7 @@ class Worker:
         """A large tensor, one chunk per message: neither side ever holds a second full copy."""
         header, chunks = wire.split_for_transfer(tensor.detach(), self._chunk_bytes)
         with self._lock:
+            self._queue_grad_resets()
             ref = self._protocol.put_begin(header, tensor.requires_grad, device)
         self._flush()
         bar = transfer_bar(header.nbytes, f"send to {self.id}")
@@ -170,6 +174,7 @@ class Worker:
             self._make_room(nbytes)
         with self._lock:
             self._check_open()
+            self._queue_grad_resets()
             op_id = self._protocol.call(op, args, kwargs, reply=False,
                                         grad_enabled=torch.is_grad_enabled(), nbytes=nbytes)
             full = self._protocol.pending_commands >= MAX_QUEUED_COMMANDS
@@ -202,6 +207,18 @@ class Worker:
             del self._bars[req_id]
             bar.close()
 
+    def _set_grad_none_later(self, t: RemoteTensor) -> None:
+        """`t.grad = None` on the worker, sent with the others as one op before whatever comes next
+        (the list holds `t`, so its pointer cannot be released first)."""
+        with self._lock:
+            self._grads_to_reset.append(t)
+
+    def _queue_grad_resets(self) -> None:
+        if self._grads_to_reset:
+            refs = tuple(t._ref for t in self._grads_to_reset)
+            self._grads_to_reset = []
+            self._protocol.call(SET_GRADS_NONE, refs, {}, reply=False, grad_enabled=False)
+
     def _release(self, ref: m.ClientRef) -> None:
         if self._closed is None:
             self._protocol.release(ref)
@@ -216,6 +233,7 @@ class Worker:
         self._make_room(nbytes)
         with self._lock:
             self._check_open()
+            self._queue_grad_resets()
             req_id = queue()
             future = self._pending[req_id] = Future()
         self._flush()
@@ -255,6 +273,7 @@ class Worker:
         """Send everything queued as one frame. The queue is taken under the state lock, which is
         then let go: callers queueing ops never wait while this thread encodes and sends."""
         with self._lock:
+            self._queue_grad_resets()
             items = self._protocol.take()
             if not items:
                 return
@@ -278,7 +297,7 @@ class Worker:
             # Let a burst of ops gather first: this thread takes the GIL once per batch, not once
             # per op, and a caller that needs an answer sends the batch itself without waiting.
             time.sleep(COALESCE_S)
-            if self._protocol.pending_commands or self._protocol.pending_releases:
+            if self._protocol.pending_commands or self._protocol.pending_releases or self._grads_to_reset:
                 try:
                     if self._closed is None:
                         self._flush()

@@ -241,11 +241,13 @@ class Session:
             with torch.set_grad_enabled(grad_enabled):
                 result = func(*args, **kwargs)
             leaves = [leaf for leaf in tree_flatten(result)[0] if isinstance(leaf, torch.Tensor)]
-            for leaf in leaves:
+            for k, leaf in enumerate(leaves):
                 if leaf.layout != torch.strided:
                     raise NotImplementedError(
                         f"{op} returned a {leaf.layout} tensor: torchremote supports strided tensors "
                         f"only (convert with .to_dense() on the worker first)")
+                if leaf._is_zerotensor():  # autograd's storage-less zeros: held as real ones
+                    leaves[k] = torch.zeros_like(leaf)
             self._check_room(leaves, op)
         except _Poisoned as p:  # reported where it happened; only answer if asked
             self.failed[op_id] = p.info

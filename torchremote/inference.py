@@ -154,6 +154,11 @@ def _fresh(key: tuple, standing: int) -> torch.Tensor:
 def _add_autograd(result: Plan, func: Callable, inputs: list, before: list, standings: list,
                   spec: Any) -> bool:
     """Fill in each output's `grad`; False if autograd refuses the call."""
+    with _autograd_on():
+        return _replay(result, func, inputs, before, standings, spec)
+
+
+def _replay(result: Plan, func: Callable, inputs: list, before: list, standings: list, spec: Any) -> bool:
     fresh: list = []
     made: dict[int, torch.Tensor] = {}
     for a, key, standing in zip(inputs, before, standings):
@@ -175,23 +180,44 @@ def _add_autograd(result: Plan, func: Callable, inputs: list, before: list, stan
     grad_fns_before = [t.grad_fn if isinstance(t, torch.Tensor) else None for t in fresh]
     try:
         args, kwargs = arguments.unflatten(fresh, spec)
-        with torch._C.DisableTorchFunctionSubclass(), _autograd_on():
+        with torch._C.DisableTorchFunctionSubclass():
             out_flat = tree_flatten(func(*args, **kwargs))[0]
     except Exception:
         return False
     tensors = [o for o in out_flat if isinstance(o, torch.Tensor)]
     if len(tensors) != sum(o.kind != VALUE for o in result.outs):
         return False
+    differentiable = {}  # the fresh tensors that require grad, once each, by flat position
+    for i, (t, standing) in enumerate(zip(fresh, standings)):
+        if standing != NO_GRAD and isinstance(t, torch.Tensor) and t.requires_grad:
+            differentiable.setdefault(id(t), (i, t))
     for out, t in zip((o for o in result.outs if o.kind != VALUE), tensors):
         fn = t.grad_fn
-        if out.kind == IN:
-            recorded = fn is not None and fn is not grad_fns_before[out.payload]
-        else:
-            recorded = fn is not None
-        out.grad = (t.requires_grad, fn.name() if fn is not None else None,
-                    _reaches(fn, stops) if recorded else (), recorded)
+        recorded = fn is not None and (out.kind == NEW or fn is not grad_fns_before[out.payload])
+        reaches, python_backward = _reaches(fn, stops) if recorded else ((), False)
+        if recorded and out.kind == NEW and not python_backward:
+            # (a backward written in Python, as torch.library custom ops have, may not run on meta)
+            reaches = _defined_grads(t, list(differentiable.values()), reaches)
+        out.grad = (t.requires_grad, fn.name() if fn is not None else None, reaches, recorded)
     result.records_grad = True
     return True
+
+
+def _defined_grads(output: torch.Tensor, inputs: list[tuple[int, torch.Tensor]],
+                   reaches: tuple[int, ...]) -> tuple[int, ...]:
+    """Of the inputs `output`'s graph reaches, those that get a defined gradient, found by running
+    its backward on meta once. Exact where the graph alone is not: some backward formulas give an
+    undefined gradient (torch's None) to an input they reach, as `norm(x, 0)` does. `reaches`
+    itself if the backward cannot run on meta."""
+    inputs = [(i, t) for i, t in inputs if i in reaches]
+    if not inputs:
+        return reaches
+    try:
+        grads = torch.autograd.grad([output], [t for _, t in inputs], [torch.empty_like(output)],
+                                    retain_graph=True, allow_unused=True)
+    except Exception:
+        return reaches
+    return tuple(sorted(i for (i, _), g in zip(inputs, grads) if g is not None))
 
 
 def _autograd_on() -> Any:
@@ -203,16 +229,19 @@ def _autograd_on() -> Any:
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
-def _reaches(fn: Any, stops: dict[int, int]) -> tuple[int, ...]:
-    """The flat input positions whose history the graph under `fn` reaches (in order, once each)."""
+def _reaches(fn: Any, stops: dict[int, int]) -> tuple[tuple[int, ...], bool]:
+    """The flat input positions whose history the graph under `fn` reaches (in order, once each),
+    and whether a backward written in Python is on the way."""
     found: list[int] = []
     seen: set[int] = set()
+    python_backward = False
     todo = [fn]
     while todo:
         node = todo.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
+        python_backward = python_backward or isinstance(node, torch.autograd.function.BackwardCFunction)
         if id(node) in stops and node is not fn:
             found.append(stops[id(node)])
             continue
@@ -222,4 +251,4 @@ def _reaches(fn: Any, stops: dict[int, int]) -> tuple[int, ...]:
                 found.append(stops[id(variable)])
             continue
         todo.extend(next_fn for next_fn, _ in node.next_functions)
-    return tuple(sorted(set(found)))
+    return tuple(sorted(set(found))), python_backward

@@ -23,7 +23,11 @@ _DENIED = re.compile(
     r"storage(?!_offset)|hook|dlpack|numpy|__array|share_memory|__reduce|__setstate__|__getstate__"
     r"|from_file|module_load|data_ptr|_cdata|__deepcopy__|pin_memory|_make_subclass|_make_wrapper"
 )
-_ATEN_NAMESPACES = ("aten", "prims")
+_ATEN_NAMESPACES = ("aten", "prims", "torch_nn")  # torch's own op namespaces (torch_nn: torch.nn's custom ops)
+try:  # torch registers its torch_nn custom ops when this module is first imported, not with torch.nn
+    import torch.nn.modules.linear_cross_entropy  # noqa: F401
+except ImportError:  # a torch without them
+    pass
 
 
 # torch lists these as "ignored" by __torch_function__, yet tensor arguments route them through it.
@@ -79,9 +83,35 @@ def resolve_or_none(name: str) -> Callable | None:
         return None
 
 
+# --- the worker's own few ops: autograd bookkeeping for many tensors in one message ----------------
+
+GRADS_OF = "torchremote.grads_of"
+SET_GRADS_NONE = "torchremote.set_grads_none"
+
+
+def _grads_of(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The `.grad` of each tensor: pointers to the gradients a backward just made, all at once."""
+    grads = tuple(t.grad for t in tensors)
+    missing = [i for i, g in enumerate(grads) if g is None]
+    if missing:
+        raise RuntimeError(
+            f"torch computed no gradient for {len(missing)} of the {len(tensors)} tensors this backward "
+            f"was expected to reach (an undefined gradient); their .grad pointers are invalid")
+    return grads
+
+
+def _set_grads_none(*tensors: torch.Tensor) -> None:
+    """`t.grad = None` for many tensors (what zero_grad() does, one parameter at a time)."""
+    for t in tensors:
+        t.grad = None
+
+
+_BUILTINS: dict[str, Callable] = {GRADS_OF: _grads_of, SET_GRADS_NONE: _set_grads_none}
+
+
 def resolve(name: str) -> Callable:
     """The callable a name stands for, if the worker may run it; else `WorkerPermissionError`."""
-    func = _BY_NAME.get(name) if type(name) is str else None
+    func = (_BY_NAME.get(name) or _BUILTINS.get(name)) if type(name) is str else None
     if func is None and type(name) is str and not _DENIED.search(name):
         func = _resolve_aten(name) or _resolve_property(name)
     if func is None:
