@@ -24,11 +24,9 @@ from pathlib import Path
 
 import psutil
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import torchremote as tr
-from benchmarks import peers
+from benchmarks import peers, training
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -193,43 +191,6 @@ def transfer(bob: tr.Worker, ws, tcp: TcpClient, rpc, results: dict, sizes: list
     results["transfer_mib_s"] = curve
 
 
-def training(bob: tr.Worker, results: dict, steps: int = 10) -> None:
-    def mlp():
-        return nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                             nn.Linear(1024, 10))
-
-    def cnn():
-        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
-
-    out = {}
-    for name, make, shape in (("MLP 1024-1024-1024-10, batch 256", mlp, (256, 1024)),
-                              ("CNN 2 conv + linear, batch 64 x 3x32x32", cnn, (64, 3, 32, 32))):
-        torch.manual_seed(0)
-        x, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
-        figures = {}
-        for where in ("local", "remote"):
-            torch.manual_seed(0)
-            model = make()
-            xs, ys = (x, y) if where == "local" else (x.send(bob), y.send(bob))
-            if where == "remote":
-                tr.send(model, bob)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(xs), ys)
-                loss.backward()
-                opt.step()
-                return loss.item()
-
-            figures[where] = per_call(step, steps, 3)
-        out[name] = {"local_ms": figures["local"] * 1e3, "remote_ms": figures["remote"] * 1e3,
-                     "ratio": figures["remote"] / figures["local"]}
-    results["training"] = out
-
-
 def memory(bob: tr.Worker, worker_pid: int, results: dict, move_bytes: int) -> None:
     me = psutil.Process()
     x = torch.ones(4).send(bob)
@@ -291,10 +252,7 @@ def report(results: dict) -> str:
               "| size | " + " | ".join(tr_curve) + " |", "| --- |" + " ---: |" * len(tr_curve)]
     for s in sizes:
         lines.append(f"| {fmt_size(s)} | " + " | ".join(f"{tr_curve[k][s]:.0f}" for k in tr_curve) + " |")
-    lines += ["", "### 4. Training step (SGD, momentum 0.9; data already on the worker)", "",
-              "| model | local ms | remote ms | remote / local |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {k} | {v['local_ms']:.1f} | {v['remote_ms']:.1f} | {v['ratio']:.2f} |"
-              for k, v in results["training"].items()]
+    lines += training.report(results)
     mem = results["memory"]
     lines += ["", "### 5. Memory", "", "| what | figure |", "| --- | ---: |",
               f"| client memory per live RemoteTensor | {mem['client_bytes_per_pointer']:.0f} B |",
@@ -312,7 +270,7 @@ def report(results: dict) -> str:
         (f"{fmt_size(big)} send+get >= rpc echo (ratio >= 1)",
          tr_curve["torchremote send+get"][big] / tr_curve["rpc echo"][big], -1),
         ("three workers take < 3 x one worker", many["ratio"], 2.99),
-        ("MLP step remote / local <= 1.3", results["training"]["MLP 1024-1024-1024-10, batch 256"]["ratio"], 1.3),
+        *training.targets(results),
         (f"{fmt_size(mem['moved_bytes'])} move: client peak extra RSS <= 1.5 x the bytes moved",
          mem["client_peak_extra_bytes"] / mem["moved_bytes"], 1.5),
         (f"{fmt_size(mem['moved_bytes'])} move: worker peak extra RSS <= 1.5 x the bytes moved",
@@ -388,7 +346,7 @@ def main() -> None:
                           ("pipelined", lambda: pipelined(bob, rpc, results)),
                           ("many workers", lambda: many_workers(others, results, 100 if args.quick else 300)),
                           ("transfer", lambda: transfer(bob, ws, tcp, rpc, results, sizes)),
-                          ("training", lambda: training(bob, results, 5 if args.quick else 10)),
+                          ("training", lambda: training.run(bob, results, args.quick)),
                           ("memory", lambda: memory(bob, worker.pid, results, move))):
             t0 = time.perf_counter()
             print(f"running {name} ...", file=sys.stderr, flush=True)
