@@ -35,7 +35,8 @@ from . import wire
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
 FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
 RELEASE_POLL_S = 0.05        # how often released pointers are sent when nothing else is
-COALESCE_S = float(os.environ.get("TORCHREMOTE_COALESCE_S", 0.0005))  # gather time of a background batch
+COALESCE_S = 0.0005          # while ops keep coming, the writer sends what gathered this often
+IDLE_POLLS = 20              # empty polls after which the writer sleeps until woken
 
 
 class Worker:
@@ -54,7 +55,8 @@ class Worker:
         self._pending: dict[int, Future] = {}
         self._deferred: list[m.Failure] = []
         self._closed: WorkerConnectionError | None = None
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # wakes an idle writer
+        self._writer_idle = True
         self._ws = _open(url, timeout=timeout, retry_for=retry_for, ssl=ssl,
                          max_size=max_message_bytes)
         try:
@@ -180,7 +182,7 @@ class Worker:
             full = self._protocol.pending_commands >= MAX_QUEUED_COMMANDS
         if full:
             self._flush()  # back-pressure: the caller sends the batch itself
-        elif not self._wake.is_set():
+        elif self._writer_idle:
             self._wake.set()
         return op_id
 
@@ -291,20 +293,37 @@ class Worker:
             self._send_lock.release()
 
     def _write_loop(self) -> None:
+        """Sends what callers queue, in batches. While ops keep coming it polls every COALESCE_S:
+        a burst gathers into one frame, and callers never pay to wake this thread (one wake-up
+        per op was most of a small op's cost). After IDLE_POLLS empty polls it sleeps until a
+        caller sets `_wake` (or RELEASE_POLL_S passes, for pointers released meanwhile)."""
+        empty = 0
         while self._closed is None:
-            self._wake.wait(RELEASE_POLL_S)
-            self._wake.clear()
-            # Let a burst of ops gather first: this thread takes the GIL once per batch, not once
-            # per op, and a caller that needs an answer sends the batch itself without waiting.
+            if self._writer_idle:
+                self._wake.wait(RELEASE_POLL_S)
+                self._wake.clear()
+                self._writer_idle = False
             time.sleep(COALESCE_S)
-            if self._protocol.pending_commands or self._protocol.pending_releases or self._grads_to_reset:
-                try:
-                    if self._closed is None:
-                        self._flush()
-                except wire.EncodeError as e:  # an argument the wire cannot carry: fail that batch
-                    self._deferred.append(m.Failure(None, None, m.ErrorInfo("TypeError", str(e))))
-                except TorchRemoteError:
-                    return
+            if not self._has_queued():
+                empty += 1
+                if empty >= IDLE_POLLS:
+                    self._writer_idle = True
+                    if not self._has_queued():  # a caller that queued before seeing the flag
+                        continue
+                    self._writer_idle = False
+                else:
+                    continue
+            empty = 0
+            try:
+                if self._closed is None:
+                    self._flush()
+            except wire.EncodeError as e:  # an argument the wire cannot carry: fail that batch
+                self._deferred.append(m.Failure(None, None, m.ErrorInfo("TypeError", str(e))))
+            except TorchRemoteError:
+                return
+
+    def _has_queued(self) -> bool:
+        return bool(self._protocol.pending_commands or self._protocol.pending_releases or self._grads_to_reset)
 
     def _read_loop(self) -> None:
         reason: Exception | None = None

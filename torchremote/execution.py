@@ -111,6 +111,8 @@ class Session:
     def _hold(self, ref: m.ClientRef, t: torch.Tensor) -> None:
         self._drop(ref)
         self.objects[ref] = t
+        if self.max_client_bytes is None:
+            return  # no limit: nothing to account (a storage lookup per op saved)
         key = storage_key(t)
         if key in self.store.published_storages:
             return
@@ -122,7 +124,7 @@ class Session:
 
     def _drop(self, ref: m.ClientRef) -> None:
         t = self.objects.pop(ref, None)
-        if t is None:
+        if t is None or self.max_client_bytes is None:
             return
         key = storage_key(t)
         entry = self._storages.get(key)
@@ -212,7 +214,7 @@ class Session:
         out.append(m.Failure(None, op_id, info))
 
     def _run_code(self, cmd: m.Run, out: list) -> None:
-        self._execute(cmd.op_id, "code sent by the client", lambda: self._unpickle(cmd.code), cmd.args,
+        self._execute(cmd.op_id, "code sent by the client", lambda _: self._unpickle(cmd.code), cmd.args,
                       cmd.kwargs, cmd.grad_enabled, reply=True, out=out)
 
     def _unpickle(self, code: bytes) -> Any:
@@ -224,23 +226,32 @@ class Session:
         return cloudpickle.loads(code)
 
     def _call(self, cmd: m.Call, out: list) -> None:
-        self._execute(cmd.op_id, cmd.op, lambda: ops.resolve(cmd.op), cmd.args, cmd.kwargs,
+        self._execute(cmd.op_id, cmd.op, ops.resolve, cmd.args, cmd.kwargs,
                       cmd.grad_enabled, reply=cmd.reply, out=out)
 
-    def _execute(self, op_id: int, op: str, load: Callable[[], Callable], wire_args: tuple,
+    def _execute(self, op_id: int, op: str, load: Callable[[str], Callable], wire_args: tuple,
                  wire_kwargs: dict, grad_enabled: bool, *, reply: bool, out: list) -> None:
-        """Run one op (or client function); its tensor outputs become `ClientRef(op_id, k)`."""
+        """Run one op (or client function); its tensor outputs become `ClientRef(op_id, k)`.
+        `load(op)` gives the callable."""
         inputs: dict[int, m.Ref] = {}
         req_id = op_id if reply else None
         try:
-            func = load()
+            func = load(op)
             args = self._resolve(wire_args, inputs)
-            kwargs = self._resolve(wire_kwargs, inputs)
+            kwargs = self._resolve(wire_kwargs, inputs) if wire_kwargs else wire_kwargs
             if op in _EXTRACTS_DATA and args and isinstance(args[0], torch.Tensor):
                 self._check_gettable(args[0], inputs.get(id(args[0])))
-            with torch.set_grad_enabled(grad_enabled):
+            if grad_enabled is torch.is_grad_enabled():
                 result = func(*args, **kwargs)
-            leaves = [leaf for leaf in tree_flatten(result)[0] if isinstance(leaf, torch.Tensor)]
+            else:
+                with torch.set_grad_enabled(grad_enabled):
+                    result = func(*args, **kwargs)
+            if isinstance(result, torch.Tensor):
+                leaves = [result]
+            elif result is None:
+                leaves = []
+            else:
+                leaves = [leaf for leaf in tree_flatten(result)[0] if isinstance(leaf, torch.Tensor)]
             for k, leaf in enumerate(leaves):
                 if leaf.layout != torch.strided:
                     raise NotImplementedError(

@@ -158,9 +158,9 @@ class _Encoder:
     def item(self, obj: Any) -> list:
         """A batch item as a plain array: its type code, then its fields."""
         values = [_STRUCT_CODE[type(obj)]]
-        for f in fields(obj):
-            v = getattr(obj, f.name)
-            values.append(list(v) if f.name == "args" else v)
+        for name in _ITEM_FIELDS[type(obj)]:
+            v = getattr(obj, name)
+            values.append(list(v) if name == "args" else v)
         return values
 
     def default(self, obj: Any) -> msgpack.ExtType:
@@ -372,6 +372,13 @@ _FIELD_CHECKS: dict[type, tuple] = {
               and v.dim() == 1),
 }
 assert set(_FIELD_CHECKS) == set(_STRUCTS)
+# per type: (field name, check, whether a msgpack array stands for a tuple there), worked out once
+_LAYOUTS: dict[type, tuple] = {
+    cls: tuple((f.name, check, check in (_is_shape, _is_str_tuple, _is_args) or cls is m.ChunkedTensor)
+               for f, check in zip(fields(cls), _FIELD_CHECKS[cls]))
+    for cls in _STRUCTS
+}
+_ITEM_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _STRUCTS}
 
 
 class _Decoder:
@@ -451,14 +458,15 @@ def _struct(v: Any) -> Any:
         raise _fail("unknown message type")
     cls = _STRUCTS[v[0]]
     values = v[1:]
-    if len(values) != _STRUCT_ARITY[cls]:
-        raise _fail(f"{cls.__name__} takes {_STRUCT_ARITY[cls]} fields, got {len(values)}")
-    values = [tuple(x) if isinstance(x, list) and (check in (_is_shape, _is_str_tuple, _is_args)
-                                                   or cls is m.ChunkedTensor) else x
-              for x, check in zip(values, _FIELD_CHECKS[cls])]
-    for f, x, check in zip(fields(cls), values, _FIELD_CHECKS[cls]):
+    layout = _LAYOUTS[cls]
+    if len(values) != len(layout):
+        raise _fail(f"{cls.__name__} takes {len(layout)} fields, got {len(values)}")
+    for i, (name, check, as_tuple) in enumerate(layout):
+        x = values[i]
+        if as_tuple and type(x) is list:
+            x = values[i] = tuple(x)
         if not check(x):
-            raise _fail(f"bad {cls.__name__}.{f.name}")
+            raise _fail(f"bad {cls.__name__}.{name}")
     return cls(*values)
 
 
