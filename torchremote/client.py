@@ -139,18 +139,27 @@ class Worker:
 
     # --- used by RemoteTensor and dispatch ---
     def _put(self, tensor: torch.Tensor, device: str = "") -> RemoteTensor:
-        meta = wire.meta_after_transfer(tensor)
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes <= self._chunk_bytes:
-            with self._lock:
+        return self._put_many([tensor], device)[0]
+
+    def _put_many(self, tensors: list[torch.Tensor], device: str = "") -> list[RemoteTensor]:
+        """Send tensors in as few frames as fit (a model's parameters: one frame, not one each).
+        Their bytes have left when this returns, so no snapshot is copied: they may change after."""
+        out = []
+        for tensor in tensors:
+            meta = wire.meta_after_transfer(tensor)
+            nbytes = tensor.numel() * tensor.element_size()
+            if nbytes <= self._chunk_bytes:
+                self._make_room(nbytes)
+                with self._lock:
+                    self._check_open()
+                    self._queue_grad_resets()
+                    ref = self._protocol.put(tensor.detach(), tensor.requires_grad, device)
+            else:
                 self._check_open()
-                self._queue_grad_resets()
-                ref = self._protocol.put(tensor.detach(), tensor.requires_grad, device)
-            self._flush()  # the bytes leave now: no snapshot copy; `tensor` may change after
-        else:
-            self._check_open()
-            ref = self._put_chunked(tensor, device)
-        return RemoteTensor._wrap(meta, self, ref)
+                ref = self._put_chunked(tensor, device)
+            out.append(RemoteTensor._wrap(meta, self, ref))
+        self._flush()
+        return out
 
     def _put_chunked(self, tensor: torch.Tensor, device: str) -> m.ClientRef:
         """A large tensor, one chunk per message: neither side ever holds a second full copy."""
@@ -198,6 +207,18 @@ class Worker:
 
     def _fetch(self, ref: m.Ref) -> torch.Tensor:
         return self._request(m.Fetch, ref)
+
+    def _fetch_many(self, refs: list[m.Ref]) -> list[torch.Tensor]:
+        """Several tensors in one round trip (a model's parameters: not one round trip each)."""
+        with self._lock:
+            self._check_open()
+            self._queue_grad_resets()
+            futures = []
+            for ref in refs:
+                req_id = self._protocol.request(m.Fetch, ref)
+                futures.append(self._pending.setdefault(req_id, Future()))
+        self._flush()
+        return [self._wait(f, "fetch") for f in futures]
 
     def _fetch_progress(self, req_id: int, received: int, total: int) -> None:
         if req_id not in self._bars:

@@ -7,7 +7,7 @@ all back in place as plain tensors, and the worker frees its copies.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -23,36 +23,61 @@ if TYPE_CHECKING:
 M = TypeVar("M", bound=nn.Module)
 
 
-def _swap(module: nn.Module, convert) -> None:
-    """Replace every parameter and buffer through `convert`, once per distinct tensor (tied weights)."""
-    done: dict[int, Any] = {}
+def _swap(module: nn.Module, convert_all: Callable[[list], list]) -> None:
+    """Replace every parameter and buffer, converting all the distinct tensors in one go
+    (`convert_all(tensors) -> new tensors`, so transfers batch); tied weights stay tied."""
+    slots, distinct = [], {}
     for mod in module.modules():
         for store, as_param in ((mod._parameters, True), (mod._buffers, False)):
-            for name, t in list(store.items()):
-                if t is None:
-                    continue
-                if id(t) not in done:
-                    new = convert(t)
-                    done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if as_param else new
-                store[name] = done[id(t)]
+            for name, t in store.items():
+                if t is not None:
+                    slots.append((store, name, t, as_param))
+                    distinct.setdefault(id(t), t)
+    converted = dict(zip(distinct, convert_all(list(distinct.values()))))
+    done: dict[int, Any] = {}
+    for store, name, t, as_param in slots:
+        if id(t) not in done:
+            new = converted[id(t)]
+            done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if as_param else new
+        store[name] = done[id(t)]
+
+
+def _send_all(tensors: list, worker: "Worker", device: str | torch.device | None) -> list:
+    local = [t.detach() for t in tensors if not isinstance(t, RemoteTensor)]
+    for t in local:
+        tensor_module.check_sendable(t)
+    sent = iter(worker._put_many(local, tensor_module.device_name(device)))
+    return [t.detach().move(worker) if isinstance(t, RemoteTensor) else next(sent) for t in tensors]
+
+
+def _get_all(tensors: list) -> list:
+    by_worker: dict[Any, list] = {}
+    for t in tensors:
+        if isinstance(t, RemoteTensor):
+            by_worker.setdefault(t._worker, []).append(t)
+    fetched: dict[int, torch.Tensor] = {}
+    for worker, remote in by_worker.items():
+        fetched.update(zip((id(t) for t in remote), worker._fetch_many([t._ref for t in remote])))
+    return [fetched[id(t)] if isinstance(t, RemoteTensor) else t.detach() for t in tensors]
 
 
 def send(obj: Any, worker: "Worker", device: str | torch.device | None = None) -> Any:
     """Send a tensor (returns its pointer) or a module (moved in place, returned) to `worker`.
 
     `device` picks where the worker keeps the data ("cuda"); by default, the worker's --device.
+    A module's parameters and buffers travel together, in as few messages as fit.
     """
     if isinstance(obj, nn.Module):
-        _swap(obj, lambda t: (t.detach().move(worker) if isinstance(t, RemoteTensor)
-                              else tensor_module.send(t.detach(), worker, device)))
+        _swap(obj, lambda tensors: _send_all(tensors, worker, device))
         return obj
     return tensor_module.send(obj, worker, device)
 
 
 def get(obj: Any) -> Any:
-    """Fetch a RemoteTensor (returns a plain tensor) or a module (fetched in place, returned)."""
+    """Fetch a RemoteTensor (returns a plain tensor) or a module (fetched in place, returned, in
+    one round trip per worker)."""
     if isinstance(obj, nn.Module):
-        _swap(obj, lambda t: t.get() if isinstance(t, RemoteTensor) else t.detach())
+        _swap(obj, _get_all)
         return obj
     return tensor_module.get(obj)
 

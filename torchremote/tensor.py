@@ -144,13 +144,22 @@ def send(tensor: torch.Tensor, worker: "Worker", device: str | torch.device | No
     """
     if isinstance(tensor, RemoteTensor):
         return tensor.send(worker)
+    check_sendable(tensor)
+    return worker._put(tensor, device_name(device))
+
+
+def check_sendable(tensor: Any) -> None:
+    """A local tensor `send` can carry; checked before it is queued with others: a bad one fails alone."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"send() takes a torch.Tensor, not {type(tensor).__qualname__}")
     if tensor.layout != torch.strided:
         raise NotImplementedError(f"send() of a {tensor.layout} tensor: torchremote supports strided "
                                   f"tensors only (send tensor.to_dense())")
-    wire.check_sendable(tensor)  # before it is queued with others: a bad tensor fails alone
-    return worker._put(tensor, str(torch.device(device)) if device is not None else "")
+    wire.check_sendable(tensor)
+
+
+def device_name(device: str | torch.device | None) -> str:
+    return str(torch.device(device)) if device is not None else ""
 
 
 def get(tensor: torch.Tensor) -> torch.Tensor:
