@@ -96,21 +96,28 @@ def _to_wire(flat: list) -> tuple[list, int]:
 
 
 def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = None) -> Any:
-    worker = worker_of(flat, worker)
-    if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._rg for a in flat):
-        remote_code.refuse_inside_custom_function()
     name = ops.name_of(func)
     if name is None:
+        _refuse_custom_function_ops(flat)
+        worker_of(flat, worker)
         return _decompose(func, flat, spec)
     try:
-        _check_sendable(name, worker, flat)
+        worker, key, grad = _scan(func, name, flat, spec, worker)
     except wire.EncodeError:
         if not isinstance(func, types.FunctionType):
             raise
         # a Python function given an argument that cannot travel (a module, an options object):
         # run it here, op by op, each of its ATen ops on the worker
+        _refuse_custom_function_ops(flat)
         return _decompose(func, flat, spec)
-    return _call(worker, func, name, flat, spec)
+    if grad and not key[2]:  # (key[2]: grad mode) pointers that require grad, under no_grad
+        remote_code.refuse_inside_custom_function()
+    return _call(worker, func, name, flat, spec, key, grad)
+
+
+def _refuse_custom_function_ops(flat: list) -> None:
+    if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._rg for a in flat):
+        remote_code.refuse_inside_custom_function()
 
 
 _PLAIN = frozenset({RemoteTensor, float, bool, type(None), torch.dtype})  # nothing to check
@@ -157,10 +164,7 @@ def worker_of(flat: list, worker: "Worker | None" = None) -> "Worker":
         if worker is None:
             worker = other
         elif other is not worker:
-            raise RuntimeError(
-                f"this op mixes tensors on worker {worker.id!r} ({worker.device}) and worker "
-                f"{other.id!r} ({other.device}); bring them to one worker first, for example "
-                f"with x.move(worker)")
+            _mixed(worker, other)
     if worker is None:
         raise RuntimeError("no RemoteTensor among the arguments")
     return worker
@@ -177,9 +181,12 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _plan_key(func: Callable, name: str, flat: list, spec: Any) -> tuple[Any, bool]:
-    """The cache key of a call: the op, its arguments' metadata and autograd standing, the grad
-    mode; and whether any input requires grad (then the plan records autograd).
+def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Worker | None") -> tuple:
+    """One pass over a call's arguments: the worker it runs on (an error if there are two), every
+    argument checked before anything is queued (a bad one fails alone, losing nothing), and the
+    plan's cache key - the op, the arguments' metadata and autograd standing, the grad mode - with
+    whether any input requires grad (then the plan records autograd). The key is None when an
+    argument is unhashable.
 
     Float scalars of a `_foreach_*` op count by type, not value: those ops are elementwise, so the
     value cannot change the plan, and an optimizer passes new ones every step (bias corrections,
@@ -189,31 +196,63 @@ def _plan_key(func: Callable, name: str, flat: list, spec: Any) -> tuple[Any, bo
     grad = False
     seen: dict[int, int] = {}
     for i, a in enumerate(flat):
-        if isinstance(a, RemoteTensor):
+        kind = type(a)
+        if kind is RemoteTensor:
+            other = a._worker
+            if worker is None:
+                worker = other
+            elif other is not worker:
+                _mixed(worker, other)
             key = a._key
             if key is None:
                 key = a._meta_key()
-            s = autograd.standing(a) if a._rg or a._view_base is not None else NO_GRAD
-            grad = grad or s != NO_GRAD
-            parts.append((seen.setdefault(id(a), i), key, s))
+            if a._rg or a._view_base is not None:
+                standing = autograd.standing(a)
+                grad = grad or standing != NO_GRAD
+            else:
+                standing = NO_GRAD
+            parts.append((seen.setdefault(id(a), i), key, standing))
+        elif kind is float:
+            parts.append(float if elementwise else (float, a))
+        elif kind is int:
+            if not -(1 << 63) <= a < (1 << 64):
+                wire.check_sendable(a)  # raises: it does not fit in 64 bits
+            parts.append((int, a))
+        elif kind is bool or a is None:
+            parts.append((kind, a))
         elif isinstance(a, torch.Tensor):
+            if a.device.type == "meta":
+                raise RuntimeError(f"{name}: a meta tensor has no data to send to a worker")
+            wire.check_sendable(a)
             parts.append((seen.setdefault(id(a), i), "local", inference.tensor_key(a)))
-        elif type(a) is slice:
-            parts.append((slice, a.start, a.stop, a.step))
-        elif elementwise and type(a) is float:
-            parts.append(float)
+        elif isinstance(a, torch.device) and a.type == BACKEND:
+            other = devices.worker_of(a)
+            if worker is None:
+                worker = other
+            elif other is not worker:
+                _mixed(worker, other)
+            parts.append((torch.device, a))
         else:
-            parts.append((type(a), a))
+            wire.check_sendable(a)
+            parts.append((slice, a.start, a.stop, a.step) if kind is slice else (kind, a))
+    if worker is None:
+        raise RuntimeError("no RemoteTensor among the arguments")
     key = tuple(parts)
     try:
         hash(key)
     except TypeError:
-        return None, grad
-    return key, grad
+        key = None
+    return worker, key, grad
 
 
-def _plan(func: Callable, name: str, flat: list, spec: Any) -> inference.Plan | None:
-    key, grad = _plan_key(func, name, flat, spec)
+def _mixed(worker: "Worker", other: "Worker") -> None:
+    raise RuntimeError(
+        f"this op mixes tensors on worker {worker.id!r} ({worker.device}) and worker "
+        f"{other.id!r} ({other.device}); bring them to one worker first, for example "
+        f"with x.move(worker)")
+
+
+def _plan(func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool) -> inference.Plan | None:
     if key is not None:
         hit = inference.lookup(key)
         if hit is not None:
@@ -234,8 +273,8 @@ def _plan(func: Callable, name: str, flat: list, spec: Any) -> inference.Plan | 
     return inference.plan(func, name, key, inputs, standings, spec)
 
 
-def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any) -> Any:
-    plan = _plan(func, name, flat, spec)
+def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool) -> Any:
+    plan = _plan(func, name, flat, spec, key, grad)
     if plan is None:
         return _call_sync(worker, name, flat, spec, _local_bytes(flat))
     outs = plan.outs

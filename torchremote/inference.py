@@ -68,13 +68,30 @@ def lookup(key: Any) -> Any:
     return _cache.get(key)
 
 
-def tensor_key(t: torch.Tensor) -> tuple:
-    """The metadata a meta run depends on."""
-    return (t.shape, t.stride(), t.storage_offset(), t.dtype)
+class MetaKey:
+    """The metadata a meta run depends on (shape, strides, storage offset, dtype), as a part of a
+    cache key whose hash is worked out once: a plan's outputs share theirs, so the keys of the
+    calls that use them hash and compare in a few steps."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: tuple) -> None:
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (type(other) is MetaKey and self._hash == other._hash
+                                 and self.value == other.value)
+
+    def __repr__(self) -> str:
+        return f"MetaKey{self.value}"
 
 
-def meta_key(meta: TensorMeta) -> tuple:
-    return (torch.Size(meta.shape), meta.stride, meta.storage_offset, meta.dtype)
+def tensor_key(t: torch.Tensor) -> MetaKey:
+    return MetaKey((tuple(t.shape), t.stride(), t.storage_offset(), t.dtype))
 
 
 def plan(func: Callable, name: str, key: Any, inputs: list, standings: list | None, spec: Any) -> Plan | None:
@@ -134,8 +151,8 @@ def _unchanged(inputs: list, before: list) -> bool:
 
 # --- autograd: the call replayed once on fresh inputs that carry the inputs' standing ---------------
 
-def _fresh(key: tuple, standing: int) -> torch.Tensor:
-    shape, stride, offset, dtype = key
+def _fresh(key: MetaKey, standing: int) -> torch.Tensor:
+    shape, stride, offset, dtype = key.value
     if standing in (VIEW_OF_LEAF, VIEW_OF_NON_LEAF):
         extent = 1 + offset + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else offset
         base = torch.empty(extent, dtype=dtype, device="meta", requires_grad=True)

@@ -139,19 +139,20 @@ def _resolve_property(name: str) -> Callable | None:
 
 
 # --- calls answered on the client, from the meta stand-in, without a message ----------------------
-# (requires_grad, is_leaf, grad_fn and .grad are answered too, from autograd.py's bookkeeping)
+# (shape, size(), dtype, dim() and the dtype tests are answered from the pointer's own metadata in
+# special.py; requires_grad, is_leaf, grad_fn and .grad from autograd.py's bookkeeping)
 
 _T = torch.Tensor
 LOCAL_QUERIES: frozenset = frozenset({
     *(getattr(_T, p).__get__ for p in (
-        "shape", "dtype", "layout", "ndim", "is_sparse",
+        "layout", "is_sparse",
         "is_sparse_csr", "is_quantized", "is_mkldnn", "is_nested", "is_cuda", "is_xpu", "is_mps",
         "is_cpu", "itemsize", "nbytes", "output_nr", "_version",
     )),
-    _T.size, _T.stride, _T.dim, _T.ndimension, _T.numel, _T.nelement, _T.element_size,
-    _T.is_contiguous, _T.is_floating_point, _T.is_complex, _T.is_signed, _T.storage_offset,
+    _T.stride, _T.numel, _T.nelement, _T.element_size,
+    _T.is_contiguous, _T.is_signed, _T.storage_offset,
     _T.is_conj, _T.is_neg, _T.is_inference, _T.__len__, _T.dim_order,
-    torch.numel, torch.is_floating_point, torch.is_complex, torch.is_conj, torch.is_neg,
+    torch.numel, torch.is_conj, torch.is_neg,
     torch.is_inference, torch.is_same_size, torch.result_type,
 })
 

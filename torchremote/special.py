@@ -23,6 +23,41 @@ def _is_meta(func: Any, args: tuple, kwargs: dict) -> bool:
     return False
 
 
+# --- metadata the pointer itself holds: answered without building the meta stand-in ---------------
+
+@implements(_T.shape.__get__)
+def _shape(func: Any, args: tuple, kwargs: dict) -> torch.Size:
+    return torch.Size(args[0]._tmeta.shape)
+
+
+@implements(_T.size)
+def _size(func: Any, args: tuple, kwargs: dict) -> Any:
+    if len(args) == 1 and not kwargs:
+        return torch.Size(args[0]._tmeta.shape)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(args[0]._stand_in(), *args[1:], **kwargs)
+
+
+@implements(_T.dtype.__get__)
+def _dtype(func: Any, args: tuple, kwargs: dict) -> torch.dtype:
+    return args[0]._tmeta.dtype
+
+
+@implements(_T.dim, _T.ndimension, _T.ndim.__get__)
+def _dim(func: Any, args: tuple, kwargs: dict) -> int:
+    return len(args[0]._tmeta.shape)
+
+
+@implements(_T.is_complex, torch.is_complex)
+def _is_complex(func: Any, args: tuple, kwargs: dict) -> bool:
+    return args[0]._tmeta.dtype.is_complex
+
+
+@implements(_T.is_floating_point, torch.is_floating_point)
+def _is_floating_point(func: Any, args: tuple, kwargs: dict) -> bool:
+    return args[0]._tmeta.dtype.is_floating_point
+
+
 @implements(_T.get_device)
 def _get_device(func: Any, args: tuple, kwargs: dict) -> int:
     return args[0]._worker.device.index

@@ -35,7 +35,7 @@ class RemoteTensor(torch.Tensor):
         raise TypeError("RemoteTensors come from tensor.send(worker), worker.search(tag) or ops on them")
 
     @classmethod
-    def _wrap(cls, tmeta: m.TensorMeta, worker: "Worker", ref: m.Ref, key: tuple | None = None,
+    def _wrap(cls, tmeta: m.TensorMeta, worker: "Worker", ref: m.Ref, key: "inference.MetaKey | None" = None,
               meta: torch.Tensor | None = None, published: m.PublishedInfo | None = None) -> "RemoteTensor":
         """A pointer with this metadata. `key` and `meta` are passed when already known (a cached
         plan shares one key among all its results); requires_grad starts as `tmeta` says."""
@@ -53,7 +53,7 @@ class RemoteTensor(torch.Tensor):
             meta = self._meta = self._tmeta.empty_meta(requires_grad=False)
         return meta
 
-    def _meta_key(self) -> tuple:
+    def _meta_key(self) -> "inference.MetaKey":
         key = self._key
         if key is None:
             key = self._key = inference.tensor_key(self._stand_in())
