@@ -35,59 +35,12 @@ class _Poisoned(Exception):
         self.info = info
 
 
-SMALL_OP_ELEMENTS = 1 << 17
-RECENT_OPS = 64
-# calls whose work is not bounded by their arguments' sizes: sized by the ops before them
-_UNBOUNDED = frozenset({"torch.Tensor.backward", "torch.autograd.backward", "torch.autograd.grad",
-                        "code sent by the client"})
-
-
-class _Threads:
-    """How many intra-op threads an op gets, for a worker whose client runs on the same machine.
-
-    There, every thread the worker wakes competes with the client for the same cores, and torch's
-    threads spin for a while after each parallel region. An op on small tensors (every argument
-    under SMALL_OP_ELEMENTS elements) runs on one thread; ops on large tensors get torch's own
-    count. A backward (or a client's code) cannot be sized by its arguments: it gets torch's count
-    if one of the last RECENT_OPS ops was large (its graph likely holds large tensors), else one.
-    A worker whose clients are elsewhere leaves torch's threading alone."""
-
-    def __init__(self) -> None:
-        self.full = torch.get_num_threads()
-        self.current = self.full
-        self.since_large = RECENT_OPS
-
-    def use(self, op: str, args: tuple) -> None:
-        if op in _UNBOUNDED:
-            large = self.since_large < RECENT_OPS
-        else:
-            large = _large(args)
-            self.since_large = 0 if large else self.since_large + 1
-        want = self.full if large else 1
-        if want != self.current:
-            torch.set_num_threads(want)
-            self.current = want
-
-
-def _large(args: tuple) -> bool:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if a.numel() >= SMALL_OP_ELEMENTS:
-                return True
-        elif isinstance(a, (list, tuple)):
-            for t in a:
-                if isinstance(t, torch.Tensor) and t.numel() >= SMALL_OP_ELEMENTS:
-                    return True
-    return False
-
-
 class Session:
     """One client's view of a worker: its namespace, its failed ops, the device it computes on."""
 
     def __init__(self, store: ObjectStore, client_id: str, *, device: torch.device | str = "cpu",
                  peer: str = "", log: logging.Logger | None = None,
-                 max_client_bytes: int | None = None, allow_code: bool = False,
-                 shares_machine: bool = False) -> None:
+                 max_client_bytes: int | None = None, allow_code: bool = False) -> None:
         self.store = store
         self.client_id = client_id
         self.device = torch.device(device)
@@ -97,8 +50,6 @@ class Session:
         self.failed: dict[int, m.ErrorInfo] = {}
         self.max_client_bytes = max_client_bytes
         self.allow_code = allow_code
-        # a client on this machine: small ops on one thread (see _Threads)
-        self._threads = _Threads() if shares_machine and self.device.type == "cpu" else None
         self.held_bytes = 0  # memory behind this client's objects, each storage counted once
         self._storages: dict[int, list[int]] = {}  # storage -> [bytes, objects using it]
         self._handlers: dict[type, Callable[[Any, list], None]] = {
@@ -290,8 +241,6 @@ class Session:
             kwargs = self._resolve(wire_kwargs, inputs) if wire_kwargs else wire_kwargs
             if op in _EXTRACTS_DATA and args and isinstance(args[0], torch.Tensor):
                 self._check_gettable(args[0], inputs.get(id(args[0])))
-            if self._threads is not None:
-                self._threads.use(op, args)
             if grad_enabled is torch.is_grad_enabled():
                 result = func(*args, **kwargs)
             else:

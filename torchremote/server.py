@@ -159,8 +159,7 @@ class WorkerServer:
             return
         client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
-                          max_client_bytes=self.max_client_bytes, allow_code=self.allow_code,
-                          shares_machine=bool(address) and is_loopback(address[0]))
+                          max_client_bytes=self.max_client_bytes, allow_code=self.allow_code)
         with self._lock:
             self._connections.add(conn)
         self.log.info("%s connected as %s", peer, client_id)
