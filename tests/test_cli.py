@@ -95,3 +95,13 @@ def test_training_examples_run(script, args, expect):
                          text=True, timeout=170)
     assert out.returncode == 0, out.stderr
     assert expect in out.stdout and "test accuracy" in out.stdout or "step 20" in out.stdout
+
+
+def test_threads_option(worker_process):
+    w = tr.connect(worker_process("--threads", "1").url)
+    x = torch.randn(300, 300)
+    torch.testing.assert_close((x.send(w) @ x.send(w)).get(), x @ x)
+    w.close()
+    bad = subprocess.run([sys.executable, "-m", "torchremote", "worker", "--port", "0", "--threads", "0"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "--threads must be at least 1" in bad.stderr

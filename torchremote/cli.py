@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 
+import torch
+
 from .errors import TorchRemoteError
 from .messages import DEFAULT_MAX_MESSAGE_BYTES
 from .server import start_worker
@@ -28,6 +30,11 @@ def _read_token(path: str | None) -> str | None:
 def _worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            print("torchremote: --threads must be at least 1", file=sys.stderr)
+            return 1
+        torch.set_num_threads(args.threads)
     try:
         server = start_worker(args.id, args.host, args.port, token=_read_token(args.token_file),
                               device=args.device, insecure=args.insecure, verbose=args.verbose,
@@ -70,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--max-client-bytes", type=int, default=None,
                    help="most tensor memory one client may hold on this worker (default: no limit)")
     w.add_argument("--device", default="cpu", help="where the worker keeps tensors (default: cpu)")
+    w.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (default: torch's choice, one per core). On a machine "
+                        "shared with its client, fewer leaves the client a core")
     w.add_argument("--log-file", help="also write the log to this file")
     w.add_argument("--verbose", action="store_true", help="log every command with the peer's address")
     w.add_argument("--allow-code", action="store_true",
