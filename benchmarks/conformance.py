@@ -44,9 +44,16 @@ KNOWN_FAILURES = {
         "reads input.requires_grad from the pointer itself (False), so it asks its custom op for no "
         "gradients",
 }
+for _lazy in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"):
+    KNOWN_FAILURES[f"nn.Lazy{_lazy} (module)"] = (
+        "a lazy module has no parameters to send before its first forward: run one forward locally "
+        "(or build it under tr.on(worker)) before tr.send")
 # The fast slices that `make test` runs (tests/test_conformance.py): every op whose name starts so.
 FAST_SLICE = ("a", "b", "c", "e", "masked.", "nn.functional.", "linalg.", "to")
 FAST_AUTOGRAD_SLICE = ("a", "c", "d", "m", "nn.functional.", "split", "to", "norm", "linalg.norm")
+FAST_MODULE_SLICE = ("nn.Linear", "nn.Conv2d", "nn.BatchNorm2d", "nn.LayerNorm", "nn.Embedding", "nn.LSTM",
+                     "nn.GRU", "nn.MultiheadAttention", "nn.TransformerEncoderLayer", "nn.GELU", "nn.Dropout")
+FAST_OPTIMIZER_SLICE = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
 DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool, "complex64": torch.complex64}
 
 
@@ -251,6 +258,130 @@ def conform_autograd(worker: tr.Worker, ops: list, samples: int) -> list[dict]:
     return rows
 
 
+# --- PyTorch's module and optimizer databases, remote against local ----------------------------------
+
+def _send_all(value, worker: tr.Worker):
+    return tree_map(lambda t: t.detach().send(worker).requires_grad_(t.requires_grad)
+                    if isinstance(t, torch.Tensor) else t, value)
+
+
+def _module_case(info, module_input, worker: tr.Worker | None):
+    """Forward outputs, then the gradients of every parameter (and input that requires grad)."""
+    ctor = module_input.constructor_input
+    torch.manual_seed(0)
+    module = info.module_cls(*ctor.args, **ctor.kwargs)
+    args, kwargs = tree_map(lambda t: t.detach().clone().requires_grad_(t.requires_grad)
+                            if isinstance(t, torch.Tensor) else t,
+                            (module_input.forward_input.args, module_input.forward_input.kwargs))
+    if worker is not None:
+        tr.send(module, worker)
+        args, kwargs = _send_all((args, kwargs), worker)
+        worker.manual_seed(0)
+    torch.manual_seed(0)
+    out = module(*args, **kwargs)
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    diff = [t for t in outs if t.requires_grad]
+    wrt = [p for p in module.parameters() if p.requires_grad] + \
+          [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = []
+    if diff and wrt:
+        generator = torch.Generator().manual_seed(0)
+        grad_outputs = [torch.randn(t.shape, dtype=t.dtype, generator=generator) for t in diff]
+        if worker is not None:
+            grad_outputs = [g.send(worker) for g in grad_outputs]
+        grads = torch.autograd.grad(diff, wrt, grad_outputs, allow_unused=True)
+    return [fetch(t) for t in outs], [t.requires_grad for t in outs], [fetch(g) for g in grads]
+
+
+def conform_modules(worker: tr.Worker, samples: int = 2, prefixes: tuple[str, ...] = ()) -> list[dict]:
+    """Every module in torch's module_db, float32, training mode: outputs, and gradients of the
+    parameters and inputs, equal to local."""
+    from torch.testing._internal.common_modules import module_db
+    rows = []
+    for info in module_db:
+        if prefixes and not info.name.startswith(prefixes):
+            continue
+        try:
+            inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=True,
+                                             training=True)[:samples]
+        except Exception:
+            continue
+        reason = None
+        for module_input in inputs:
+            try:
+                local = _module_case(info, module_input, None)
+            except Exception:
+                continue
+            try:
+                remote = _module_case(info, module_input, worker)
+                if remote[1] != local[1]:
+                    raise AssertionError(f"outputs' requires_grad differ: {remote[1]} != {local[1]}")
+                if [g is None for g in remote[2]] != [g is None for g in local[2]]:
+                    raise AssertionError("gradients None at different places")
+                torch.testing.assert_close((remote[0], remote[2]), (local[0], local[2]), equal_nan=True,
+                                           rtol=1e-4, atol=1e-5)
+            except tr.WorkerConnectionError:
+                raise
+            except Exception as e:
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                break
+        rows.append({"variant": f"{info.name} (module)", "dtype": "torch.float32", "ok": reason is None,
+                     "reason": reason})
+    return rows
+
+
+def _optimizer_case(info, optim_input, worker: tr.Worker | None, steps: int = 3):
+    """A few steps of one optimizer configuration on a small model; the parameters after each."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    if worker is not None:
+        tr.send(model, worker)
+        x, y = x.send(worker), y.send(worker)
+    opt = info.optim_cls(model.parameters(), **optim_input.kwargs)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    history = []
+    for _ in range(steps):
+        if info.step_requires_closure:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        history.append([p.get() if isinstance(p, tr.RemoteTensor) else p.detach().clone() for p in model.parameters()])
+    return history
+
+
+def conform_optimizers(worker: tr.Worker, prefixes: tuple[str, ...] = ()) -> list[dict]:
+    """Every configuration of every optimizer in torch's optim_db: a few steps, equal to local."""
+    from torch.testing._internal.common_optimizers import optim_db
+    rows = []
+    for info in optim_db:
+        if prefixes and not info.name.startswith(prefixes):
+            continue
+        for optim_input in info.optim_inputs_func(device="cpu"):
+            name = f"{info.name} {optim_input.desc} (optimizer)"
+            try:
+                local = _optimizer_case(info, optim_input, None)
+            except Exception:
+                continue
+            try:
+                remote = _optimizer_case(info, optim_input, worker)
+                torch.testing.assert_close(remote, local, rtol=1e-4, atol=1e-5)
+                reason = None
+            except tr.WorkerConnectionError:
+                raise
+            except Exception as e:
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rows.append({"variant": name, "dtype": "torch.float32", "ok": reason is None, "reason": reason})
+    return rows
+
+
 def select(prefixes: tuple[str, ...] = ()) -> list:
     from torch.testing._internal.common_methods_invocations import op_db
     return [op for op in op_db if not prefixes or op.name.startswith(prefixes)]
@@ -264,8 +395,8 @@ def cause(reason: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", default="float32,int64,bool,complex64,autograd",
-                        help="passes to run: dtypes, and `autograd`")
+    parser.add_argument("--dtypes", default="float32,int64,bool,complex64,autograd,modules,optimizers",
+                        help="passes to run: dtypes, and `autograd`, `modules`, `optimizers`")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--ops", default="", help="only ops whose name starts with one of these (comma list)")
     args = parser.parse_args(argv)
@@ -277,8 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         for pass_name in args.dtypes.split(","):
-            rows = (conform_autograd(worker, ops, args.samples) if pass_name == "autograd"
-                    else conform(worker, ops, pass_name, args.samples))
+            if pass_name == "autograd":
+                rows = conform_autograd(worker, ops, args.samples)
+            elif pass_name == "modules":
+                rows = conform_modules(worker, args.samples)
+            elif pass_name == "optimizers":
+                rows = conform_optimizers(worker)
+            else:
+                rows = conform(worker, ops, pass_name, args.samples)
             report["passes"][pass_name] = rows
             ok = sum(r["ok"] for r in rows)
             print(f"{pass_name}: {ok}/{len(rows)} op variants match ({100 * ok / max(len(rows), 1):.1f}%)",
