@@ -346,7 +346,7 @@ def main() -> None:
                           ("pipelined", lambda: pipelined(bob, rpc, results)),
                           ("many workers", lambda: many_workers(others, results, 100 if args.quick else 300)),
                           ("transfer", lambda: transfer(bob, ws, tcp, rpc, results, sizes)),
-                          ("training", lambda: training.run(bob, results, args.quick)),
+                          ("training", lambda: training.run(results, args.quick)),
                           ("memory", lambda: memory(bob, worker.pid, results, move))):
             t0 = time.perf_counter()
             print(f"running {name} ...", file=sys.stderr, flush=True)

@@ -248,14 +248,21 @@ def conform_autograd(worker: tr.Worker, ops: list, samples: int) -> list[dict]:
         if not inputs:
             continue
         name = f"{op.name}{'.' + op.variant_test_name if op.variant_test_name else ''} (autograd)"
-        try:
-            reason = run_grad_variant(worker, op.op, inputs, values_comparable(op))
-        except tr.WorkerConnectionError:
-            raise
-        except Exception as e:
-            reason = f"runner: {type(e).__name__}: {e}"
-        rows.append({"variant": name, "dtype": "torch.float32", "ok": reason is None, "reason": reason})
+        rows.append(_row(name, lambda: run_grad_variant(worker, op.op, inputs, values_comparable(op)),
+                         "runner: "))
     return rows
+
+
+def _row(variant: str, check, prefix: str = "") -> dict:
+    """A float32 row: `check()` gives None when the variant matches, or the reason it does not, or
+    raises (that is the reason then). A lost worker ends the run."""
+    try:
+        reason = check()
+    except tr.WorkerConnectionError:
+        raise
+    except Exception as e:
+        reason = f"{prefix}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return {"variant": variant, "dtype": "torch.float32", "ok": reason is None, "reason": reason}
 
 
 # --- PyTorch's module and optimizer databases, remote against local ----------------------------------
@@ -306,28 +313,23 @@ def conform_modules(worker: tr.Worker, samples: int = 2, prefixes: tuple[str, ..
                                              training=True)[:samples]
         except Exception:
             continue
-        reason = None
-        for module_input in inputs:
-            try:
-                local = _module_case(info, module_input, None)
-            except Exception:
-                continue
-            try:
-                remote = _module_case(info, module_input, worker)
-                if remote[1] != local[1]:
-                    raise AssertionError(f"outputs' requires_grad differ: {remote[1]} != {local[1]}")
-                if [g is None for g in remote[2]] != [g is None for g in local[2]]:
-                    raise AssertionError("gradients None at different places")
-                torch.testing.assert_close((remote[0], remote[2]), (local[0], local[2]), equal_nan=True,
-                                           rtol=1e-4, atol=1e-5)
-            except tr.WorkerConnectionError:
-                raise
-            except Exception as e:
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                break
-        rows.append({"variant": f"{info.name} (module)", "dtype": "torch.float32", "ok": reason is None,
-                     "reason": reason})
+        rows.append(_row(f"{info.name} (module)", lambda: _module_matches(info, inputs, worker)))
     return rows
+
+
+def _module_matches(info, inputs: list, worker: tr.Worker) -> None:
+    for module_input in inputs:
+        try:
+            local = _module_case(info, module_input, None)
+        except Exception:
+            continue  # local torch cannot run this input
+        remote = _module_case(info, module_input, worker)
+        if remote[1] != local[1]:
+            raise AssertionError(f"outputs' requires_grad differ: {remote[1]} != {local[1]}")
+        if [g is None for g in remote[2]] != [g is None for g in local[2]]:
+            raise AssertionError("gradients None at different places")
+        torch.testing.assert_close((remote[0], remote[2]), (local[0], local[2]), equal_nan=True,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def _optimizer_case(info, optim_input, worker: tr.Worker | None, steps: int = 3):
@@ -369,16 +371,9 @@ def conform_optimizers(worker: tr.Worker, prefixes: tuple[str, ...] = ()) -> lis
             try:
                 local = _optimizer_case(info, optim_input, None)
             except Exception:
-                continue
-            try:
-                remote = _optimizer_case(info, optim_input, worker)
-                torch.testing.assert_close(remote, local, rtol=1e-4, atol=1e-5)
-                reason = None
-            except tr.WorkerConnectionError:
-                raise
-            except Exception as e:
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            rows.append({"variant": name, "dtype": "torch.float32", "ok": reason is None, "reason": reason})
+                continue  # a configuration local torch cannot run here (sparse gradients, ...)
+            rows.append(_row(name, lambda: torch.testing.assert_close(
+                _optimizer_case(info, optim_input, worker), local, rtol=1e-4, atol=1e-5)))
     return rows
 
 

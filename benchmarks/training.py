@@ -8,12 +8,17 @@ costs the coordinator per worker.
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import math
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -228,7 +233,6 @@ def federated_coordinator(rounds: int = 3, local_steps: int = 10) -> dict:
     """examples/federated_averaging.py with three hospital processes: the coordinator's CPU per
     worker per round."""
     import importlib.util
-    from pathlib import Path
     path = Path(__file__).resolve().parent.parent / "examples" / "federated_averaging.py"
     spec = importlib.util.spec_from_file_location("federated_example", path)
     example = importlib.util.module_from_spec(spec)
@@ -253,10 +257,33 @@ def federated_coordinator(rounds: int = 3, local_steps: int = 10) -> dict:
             "local_steps": local_steps}
 
 
-def run(bob: tr.Worker, results: dict, quick: bool = False) -> None:
-    results["training_sizes"] = training_sizes(bob, steps=5 if quick else 20, rounds=3 if quick else 5)
-    results["dropped_chain"] = dropped_chain(bob, 1000 if quick else 3000)
-    results["federated"] = federated_coordinator(2 if quick else 3)
+def run(results: dict, quick: bool = False) -> None:
+    """The training cases in a process of their own, with one worker process: local torch there
+    shares the machine with nothing but that worker (the rest of the bench keeps peers running)."""
+    args = [sys.executable, "-m", "benchmarks.training"] + (["--quick"] if quick else [])
+    out = subprocess.run(args, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    results.update(json.loads(out.stdout.splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
+    quick = parser.parse_args().quick
+    worker = subprocess.Popen([sys.executable, "-m", "torchremote", "worker", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    results: dict = {}
+    try:
+        bob = tr.connect(worker.stdout.readline().strip())
+        results["training_sizes"] = training_sizes(bob, steps=5 if quick else 20, rounds=3 if quick else 5)
+        results["dropped_chain"] = dropped_chain(bob, 1000 if quick else 3000)
+        bob.close()
+        results["federated"] = federated_coordinator(2 if quick else 3)
+    finally:
+        worker.kill()
+        worker.wait()
+    print("\n".join(report(results)), file=sys.stderr)
+    print(json.dumps(results))
 
 
 def report(results: dict) -> list[str]:
@@ -295,3 +322,7 @@ def targets(results: dict) -> list[tuple[str, float, float]]:
         ("one round trip per training step (most over the workloads)",
          max(v["round_trips"] for v in sizes.values()), 1),
     ]
+
+
+if __name__ == "__main__":
+    main()
