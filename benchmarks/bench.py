@@ -191,12 +191,22 @@ def transfer(bob: tr.Worker, ws, tcp: TcpClient, rpc, results: dict, sizes: list
     results["transfer_mib_s"] = curve
 
 
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc), so RSS deltas measure what is live."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory(bob: tr.Worker, worker_pid: int, results: dict, move_bytes: int) -> None:
     me = psutil.Process()
     x = torch.ones(4).send(bob)
     gc.collect()
+    _trim_heap()  # earlier cases' large buffers, freed but still resident, would hide the growth
     before = me.memory_info().rss
-    keep = [x + 0 for _ in range(20000)]
+    keep = [x + 0 for _ in range(100000)]
     bob.sync()
     per_pointer = (me.memory_info().rss - before) / len(keep)
     del keep
