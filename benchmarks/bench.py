@@ -191,28 +191,8 @@ def transfer(bob: tr.Worker, ws, tcp: TcpClient, rpc, results: dict, sizes: list
     results["transfer_mib_s"] = curve
 
 
-def _trim_heap() -> None:
-    """Give freed heap memory back to the system (glibc), so RSS deltas measure what is live."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def memory(bob: tr.Worker, worker_pid: int, results: dict, move_bytes: int) -> None:
     me = psutil.Process()
-    x = torch.ones(4).send(bob)
-    gc.collect()
-    _trim_heap()  # earlier cases' large buffers, freed but still resident, would hide the growth
-    before = me.memory_info().rss
-    keep = [x + 0 for _ in range(100000)]
-    bob.sync()
-    per_pointer = (me.memory_info().rss - before) / len(keep)
-    del keep
-    gc.collect()
-    bob.sync()
-
     big = torch.randint(0, 255, (move_bytes,), dtype=torch.uint8)
     with RssSampler({"client": me.pid, "worker": worker_pid}) as rss:
         t0 = time.perf_counter()
@@ -223,7 +203,6 @@ def memory(bob: tr.Worker, worker_pid: int, results: dict, move_bytes: int) -> N
         t2 = time.perf_counter()
     assert torch.equal(back, big)
     results["memory"] = {
-        "client_bytes_per_pointer": per_pointer,
         "moved_bytes": move_bytes,
         "send_s": t1 - t0, "get_s": t2 - t1,
         "client_peak_extra_bytes": rss.extra("client"),
@@ -265,7 +244,7 @@ def report(results: dict) -> str:
     lines += training.report(results)
     mem = results["memory"]
     lines += ["", "### 5. Memory", "", "| what | figure |", "| --- | ---: |",
-              f"| client memory per live RemoteTensor | {mem['client_bytes_per_pointer']:.0f} B |",
+              f"| client memory per live RemoteTensor | {results['pointer_bytes']:.0f} B |",
               f"| send {fmt_size(mem['moved_bytes'])} | {mem['send_s']:.2f} s |",
               f"| get {fmt_size(mem['moved_bytes'])} | {mem['get_s']:.2f} s |",
               f"| client peak extra RSS while moving it | {mem['client_peak_extra_bytes'] / GiB:.2f} GiB |",

@@ -229,6 +229,24 @@ def dropped_chain(bob: tr.Worker, n: int = 3000, rounds: int = 5) -> dict:
     return {"local_us": lo, "remote_us": re, "ratio": re / lo, "client_cpu_us": statistics.median(cpu)}
 
 
+def pointer_bytes(bob: tr.Worker, n: int = 100_000) -> float:
+    """Client memory per live RemoteTensor: RSS growth over n pointers, in this fresh process."""
+    import gc
+    import psutil
+    me = psutil.Process()
+    x = torch.ones(4).send(bob)
+    x + 0
+    gc.collect()
+    bob.sync()
+    before = me.memory_info().rss
+    keep = [x + 0 for _ in range(n)]
+    bob.sync()
+    grown = me.memory_info().rss - before
+    del keep
+    bob.sync()
+    return grown / n
+
+
 def federated_coordinator(rounds: int = 3, local_steps: int = 10) -> dict:
     """examples/federated_averaging.py with three hospital processes: the coordinator's CPU per
     worker per round."""
@@ -277,6 +295,7 @@ def main() -> None:
         bob = tr.connect(worker.stdout.readline().strip())
         results["training_sizes"] = training_sizes(bob, steps=5 if quick else 20, rounds=3 if quick else 5)
         results["dropped_chain"] = dropped_chain(bob, 1000 if quick else 3000)
+        results["pointer_bytes"] = pointer_bytes(bob)
         bob.close()
         results["federated"] = federated_coordinator(2 if quick else 3)
     finally:
