@@ -30,7 +30,8 @@ bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.bench
 
 # every op in PyTorch's OpInfo database, locally and on a worker: float32, int64, bool and complex64
-# passes; writes benchmarks/results/conformance.{md,json}. About a minute on 2 cores.
+# value passes, the autograd pass, and torch's module and optimizer databases; writes
+# benchmarks/results/conformance.{md,json}. About three minutes on 2 cores.
 conformance: $(STAMP)
 	$(PY) -m benchmarks.conformance
 
