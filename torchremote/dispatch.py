@@ -110,7 +110,7 @@ def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = Non
         # run it here, op by op, each of its ATen ops on the worker
         _refuse_custom_function_ops(flat)
         return _decompose(func, flat, spec)
-    if grad and not key[2]:  # (key[2]: grad mode) pointers that require grad, under no_grad
+    if grad and not torch.is_grad_enabled():  # pointers that require grad, under no_grad
         remote_code.refuse_inside_custom_function()
     return _call(worker, func, name, flat, spec, key, grad)
 
