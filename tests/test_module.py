@@ -155,6 +155,21 @@ def test_send_and_get_in_place_tied_weights_buffers_and_state_dicts(proc_worker)
     assert model.head.weight is model.tok.weight
 
 
+def test_a_model_travels_in_one_message_each_way(bob, monkeypatch):
+    from test_pipelining import Spy
+    spy = Spy(bob, monkeypatch)
+    with bob._lock:  # the writer thread cannot send meanwhile (releases); this thread can
+        model = tr.send(MLP(), bob)
+        assert spy.frames == 1 and len(list(model.parameters())) > 1
+    expected = [p.get() for p in model.parameters()]
+    with bob._lock:
+        before = spy.frames
+        tr.get(model)
+        assert spy.frames - before == 1  # every parameter fetched in one round trip
+    for p, e in zip(model.parameters(), expected):
+        assert not isinstance(p, tr.RemoteTensor) and torch.equal(p.detach(), e)
+
+
 def test_get_frees_what_the_model_held(fresh_server):
     w = tr.connect(fresh_server.url)
     model = tr.send(MLP(), w)
