@@ -85,6 +85,20 @@ def test_a_deferred_error_surfaces_at_the_next_sync_and_names_the_op(bob):
     assert (x + 1).get().equal(torch.full((3,), 2.))
 
 
+def test_queued_ops_and_releases_reach_the_worker_without_a_sync(fresh_server):
+    """The background writer sends what callers queue, whether or not anyone waits for a value."""
+    from conftest import wait_until
+    w = tr.connect(fresh_server.url)
+    x = torch.ones(3).send(w)
+    y = x * 2
+    held = lambda: sorted(r.id for r in fresh_server.objects() if r.owner == w.client_id)  # noqa: E731
+    assert wait_until(lambda: held() == sorted([x.id, y.id]), timeout=5)
+    del y
+    gc.collect()
+    assert wait_until(lambda: held() == [x.id], timeout=5)  # the release went too
+    w.close()
+
+
 def test_pipelined_results_dropped_early_are_freed(fresh_server):
     w = tr.connect(fresh_server.url)
     x = torch.ones(100).send(w)
