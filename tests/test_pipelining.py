@@ -92,7 +92,8 @@ def test_queued_ops_and_releases_reach_the_worker_without_a_sync(fresh_server):
     x = torch.ones(3).send(w)
     y = x * 2
     held = lambda: sorted(r.id for r in fresh_server.objects() if r.owner == w.client_id)  # noqa: E731
-    assert wait_until(lambda: held() == sorted([x.id, y.id]), timeout=5)
+    both = sorted([x.id, y.id])
+    assert wait_until(lambda: held() == both, timeout=5)
     del y
     gc.collect()
     assert wait_until(lambda: held() == [x.id], timeout=5)  # the release went too
