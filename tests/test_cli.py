@@ -58,6 +58,10 @@ def test_cli_worker_prints_its_url_first_logs_to_a_file_and_stops_on_sigterm(wor
     assert worker.proc.wait(timeout=20) == 0
     text = log_file.read_text()
     assert "call torch.mul" in text and "127.0.0.1:" in text and "stopped" in text
+    stderr = worker.proc.stderr.read()
+    for lines in (text.splitlines(), stderr.splitlines()):  # one line per event, in both
+        muls = [line for line in lines if "call torch.mul" in line]
+        assert len(muls) == 1, muls
 
 
 def test_cli_token_file(worker_process, tmp_path):

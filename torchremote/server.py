@@ -210,17 +210,24 @@ def _try_send(conn: ServerConnection, chunks: list) -> None:
 
 
 def _make_logger(worker_id: str, verbose: bool, log_file: str | None) -> logging.Logger:
+    """The worker's log: with --verbose or --log-file, its own handlers, and nothing passed on to
+    the root logger's (which would print every line a second time)."""
     log = logging.getLogger(f"torchremote.worker.{worker_id}")
+    for handler in [h for h in log.handlers if getattr(h, "_torchremote", False)]:
+        log.removeHandler(handler)  # a worker of the same name started earlier in this process
+        handler.close()
     if verbose or log_file:
         log.setLevel(logging.INFO)
+        log.propagate = False
         formatter = logging.Formatter(LOG_FORMAT)
+        handlers: list[logging.Handler] = []
         if verbose:
-            handler: logging.Handler = logging.StreamHandler()
-            handler.setFormatter(formatter)
-            log.addHandler(handler)
+            handlers.append(logging.StreamHandler())
         if log_file:
-            handler = logging.FileHandler(log_file)
+            handlers.append(logging.FileHandler(log_file))
+        for handler in handlers:
             handler.setFormatter(formatter)
+            handler._torchremote = True  # type: ignore[attr-defined]
             log.addHandler(handler)
     return log
 
