@@ -8,14 +8,19 @@ and it does so from this graph, with no round trip:
   edges to the nodes (or leaf tensors) its history reaches. The edges come from the op's cached plan
   (`inference.py` works them out once per op and input metadata), so recording costs a tuple.
 - `backward()` walks the graph from its roots: every leaf (and `retain_grad()` tensor) it reaches has
-  a `.grad` from then on. A new `.grad` is a pointer made on first access, by an asynchronous getter
-  queued after the backward it comes from; later accumulations change it in place, as on the worker.
+  a `.grad` from then on. The new `.grad` objects are named by one op queued right after the
+  backward (`torchremote.grads_of`), so their pointers exist at once, with no message per parameter;
+  later accumulations change them in place, as on the worker. `zero_grad()`'s `p.grad = None`
+  resets travel together as one op too.
 - views share their base's history as torch's do: an in-place op on a view (or on the base) makes
   the base's node a `CopySlices` and every view re-derives its node from the base when next used.
 
-Where torch would compute a gradient that is undefined for a reached tensor (rare backward formulas,
-double backward), the prediction can differ from the worker; the worker is the ground truth for
-values, this graph only for which pointers exist.
+Which inputs an op's gradient reaches comes from one meta backward per cold plan, so undefined
+gradients (torch's None, as for `norm(x, 0)`) are known. Where the answer depends on data, or for
+the graph of a gradient made with `create_graph=True` (taken to reach all it came from), the
+prediction can differ from the worker: then `grads_of` fails at the next synchronisation with a
+clear error rather than hand out a wrong pointer. The worker is the ground truth for values; this
+graph, only for which pointers exist.
 """
 from __future__ import annotations
 
