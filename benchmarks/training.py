@@ -255,22 +255,13 @@ def federated_coordinator(rounds: int = 3, local_steps: int = 10) -> dict:
     spec = importlib.util.spec_from_file_location("federated_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    procs, urls = example.start_hospitals(3)
-    try:
-        workers = [tr.connect(url) for url in urls]
-        shards = [(w.search("#train", "#x")[0], w.search("#train", "#y")[0]) for w in workers]
+    with example.hospitals(3) as (workers, shards):
         torch.manual_seed(0)
         example.federated_averaging(example.make_model(), shards, 1, local_steps)  # warm-up
         c0, t0 = cpu_seconds(), time.perf_counter()
         example.federated_averaging(example.make_model(), shards, rounds, local_steps)
         cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
-        for w in workers:
-            w.close()
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
-    per = rounds * len(urls)
+    per = rounds * len(workers)
     return {"cpu_ms_per_worker_round": cpu / per * 1e3, "wall_ms_per_round": wall / rounds * 1e3,
             "local_steps": local_steps}
 

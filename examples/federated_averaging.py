@@ -10,6 +10,7 @@ there in parallel, fetches only the trained weights and averages them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import subprocess
 import sys
@@ -75,6 +76,24 @@ def start_hospitals(n: int) -> tuple[list[subprocess.Popen], list[str]]:
     return procs, [p.stdout.readline().strip() for p in procs]
 
 
+@contextlib.contextmanager
+def hospitals(n: int):
+    """`n` hospital processes and a connection to each: yields (workers, their (x, y) training
+    shards as pointers); everything is closed and stopped after."""
+    procs, urls = start_hospitals(n)
+    workers = []
+    try:
+        workers = [tr.connect(url) for url in urls]
+        yield workers, [(w.search("#train", "#x")[0], w.search("#train", "#y")[0]) for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+            p.stdout.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -86,10 +105,7 @@ def main() -> None:
         return serve_hospital(args.hospital, args.port)
 
     start = time.perf_counter()
-    procs, urls = start_hospitals(3)
-    try:
-        workers = [tr.connect(url) for url in urls]
-        shards = [(w.search("#train", "#x")[0], w.search("#train", "#y")[0]) for w in workers]
+    with hospitals(3) as (_, shards):
         test_x, test_y = zip(*(shard(i, 128) for i in range(3)))
         test_x, test_y = torch.cat(test_x), torch.cat(test_y)
 
@@ -101,12 +117,6 @@ def main() -> None:
 
         torch.manual_seed(0)
         federated_averaging(make_model(), shards, args.rounds, args.local_steps, report=report)
-        for w in workers:
-            w.close()
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -30,15 +30,8 @@ def test_average_state_dicts():
 
 @pytest.fixture(scope="module")
 def hospitals():
-    procs, urls = example.start_hospitals(3)
-    workers = [tr.connect(url) for url in urls]
-    yield workers
-    for w in workers:
-        w.close()
-    for p in procs:
-        p.terminate()
-        p.wait(timeout=10)
-        p.stdout.close()
+    with example.hospitals(3) as (workers, _):
+        yield workers
 
 
 def test_three_hospitals_two_rounds_equal_the_local_replay(hospitals):
