@@ -223,10 +223,12 @@ def grad_meta(t: RemoteTensor, requires_grad: bool = False, contiguous: bool = F
     if meta is None:
         from .wire import strides_after_transfer
         stand_in = t._stand_in()
-        stride = tuple(stand_in.stride())
-        if contiguous or strides_after_transfer(stand_in) != stride:
-            stride = tuple(torch.empty(stand_in.shape, device="meta").stride())
-        meta = _grad_metas[key] = m.TensorMeta(tuple(stand_in.shape), stride, 0, stand_in.dtype, requires_grad)
+        if contiguous:
+            stride = torch.empty(stand_in.shape, device="meta").stride()
+        else:
+            stride = strides_after_transfer(stand_in)  # the same rule: its strides if dense, else contiguous
+        meta = _grad_metas[key] = m.TensorMeta(tuple(stand_in.shape), tuple(stride), 0, stand_in.dtype,
+                                               requires_grad)
     return meta
 
 

@@ -50,7 +50,7 @@ def remote_call(func: Callable, args: tuple, kwargs: dict, *, sync: bool = False
         return _remote(func, flat, spec)
     worker = worker_of(flat)
     name = ops.name_of(func)
-    _check_sendable(name, worker, flat)
+    _check_sendable(name, flat)
     return _call_sync(worker, name, flat, spec, _local_bytes(flat))
 
 
@@ -62,7 +62,7 @@ def queue(func: Callable, args: tuple, kwargs: dict, *, returns_self: bool = Fal
     name = ops.name_of(func)
     if name is None:
         raise NotImplementedError(f"torchremote cannot run {func!r} on a worker")
-    _check_sendable(name, worker, flat)
+    _check_sendable(name, flat)
     wire_flat, nbytes = _to_wire(flat)
     wire_args, wire_kwargs = _unflatten(wire_flat, spec)
     op_id = worker._call(name, wire_args, wire_kwargs, nbytes)
@@ -123,14 +123,22 @@ def _refuse_custom_function_ops(flat: list) -> None:
 _PLAIN = frozenset({RemoteTensor, float, bool, type(None), torch.dtype})  # nothing to check
 
 
-def _check_sendable(name: str, worker: "Worker", flat: list) -> None:
+def _check_sendable(name: str, flat: list) -> None:
     """Every argument checked before anything is queued: a bad one fails alone, losing nothing."""
     for a in flat:
         if type(a) in _PLAIN or isinstance(a, RemoteTensor) or isinstance(a, torch.device) and a.type == BACKEND:
             continue
-        if isinstance(a, torch.Tensor) and a.device.type == "meta":
-            raise RuntimeError(f"{name}: a meta tensor has no data to send to worker {worker.id!r}")
-        wire.check_sendable(a)
+        if isinstance(a, torch.Tensor):
+            _check_local_tensor(name, a)
+        else:
+            wire.check_sendable(a)
+
+
+def _check_local_tensor(name: str, t: torch.Tensor) -> None:
+    """A local tensor operand, which travels with its op."""
+    if t.device.type == "meta":
+        raise RuntimeError(f"{name}: a meta tensor has no data to send to a worker")
+    wire.check_sendable(t)
 
 
 def _decompose(func: Callable, flat: list, spec: Any) -> Any:
@@ -221,9 +229,7 @@ def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Worker | No
         elif kind is bool or a is None:
             parts.append((kind, a))
         elif isinstance(a, torch.Tensor):
-            if a.device.type == "meta":
-                raise RuntimeError(f"{name}: a meta tensor has no data to send to a worker")
-            wire.check_sendable(a)
+            _check_local_tensor(name, a)
             parts.append((seen.setdefault(id(a), i), "local", inference.tensor_key(a)))
         elif isinstance(a, torch.device) and a.type == BACKEND:
             other = devices.worker_of(a)
@@ -328,7 +334,7 @@ def run_remote(worker: "Worker", fn: Callable, args: tuple, kwargs: dict) -> Any
     """Run a client function on `worker` in one round trip: pointers in, pointers (or values) out."""
     flat, spec = tree_flatten((args, kwargs))
     worker = worker_of(flat, worker)
-    _check_sendable(getattr(fn, "__qualname__", "run"), worker, flat)
+    _check_sendable(getattr(fn, "__qualname__", "run"), flat)
     nbytes = _local_bytes(flat)
     wire_args, wire_kwargs = tree_unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
     op_id, value = worker._run_sync(fn, wire_args, wire_kwargs, nbytes)

@@ -47,8 +47,8 @@ class Out:
 
 class Plan:
     """The outputs of a call (`outs`, flat, and `spec` to rebuild them, None for a single output),
-    and for an uncached run the
-    meta tensors it produced (`metas`, views still aliasing the inputs' stand-ins)."""
+    and for an uncached run the meta tensors it produced (`metas`, views still aliasing the inputs'
+    stand-ins)."""
 
     __slots__ = ("spec", "outs", "metas", "records_grad")
 
@@ -187,9 +187,11 @@ def _replay(result: Plan, func: Callable, inputs: list, before: list, standings:
             t = made[id(a)] = _fresh(key, standing)
         fresh.append(t)
     stops: dict[int, int] = {}  # id of an input's grad_fn (or of a leaf input) -> its flat position
+    differentiable: dict[int, tuple[int, torch.Tensor]] = {}  # the inputs that require grad, once each
     for i, (t, standing) in enumerate(zip(fresh, standings)):
         if standing == NO_GRAD or not isinstance(t, torch.Tensor):
             continue
+        differentiable.setdefault(id(t), (i, t))
         stops.setdefault(id(t) if standing == LEAF else id(t.grad_fn), i)
         if standing in (VIEW_OF_LEAF, VIEW_OF_NON_LEAF):  # in place on a view: its base's history
             base = t._base
@@ -204,10 +206,6 @@ def _replay(result: Plan, func: Callable, inputs: list, before: list, standings:
     tensors = [o for o in out_flat if isinstance(o, torch.Tensor)]
     if len(tensors) != sum(o.kind != VALUE for o in result.outs):
         return False
-    differentiable = {}  # the fresh tensors that require grad, once each, by flat position
-    for i, (t, standing) in enumerate(zip(fresh, standings)):
-        if standing != NO_GRAD and isinstance(t, torch.Tensor) and t.requires_grad:
-            differentiable.setdefault(id(t), (i, t))
     for out, t in zip((o for o in result.outs if o.kind != VALUE), tensors):
         fn = t.grad_fn
         recorded = fn is not None and (out.kind == NEW or fn is not grad_fns_before[out.payload])
