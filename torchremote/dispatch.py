@@ -304,7 +304,7 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any, ke
             worker._release(ref)
             target = flat[out.payload]
             if metas is not None:  # an uncached run: it may have changed the target's metadata
-                target._tmeta, target._key = m.TensorMeta.of(target._stand_in()), None
+                target._metadata_changed()
             results.append(target)
             continue
         r = RemoteTensor._wrap(out.payload, worker, ref, out.key, metas[position] if metas is not None else None)

@@ -60,8 +60,8 @@ class RemoteTensor(torch.Tensor):
         return key
 
     def _metadata_changed(self) -> None:
-        """An in-place op changed this tensor's shape or strides: forget the cached key."""
-        self._key = None
+        """An in-place op may have changed the stand-in's shape or strides: take them from it."""
+        self._tmeta, self._key = m.TensorMeta.of(self._stand_in()), None
 
     # --- pointer API ---
     @property
@@ -102,7 +102,7 @@ class RemoteTensor(torch.Tensor):
         return self.get().numpy(force=force)
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
-        meta = self._stand_in()
+        meta = self._tmeta
         parts = [f"id={self.id}", f"worker={self._worker.id!r}", f"shape={tuple(meta.shape)}",
                  f"dtype={meta.dtype}"]
         if self._rg:
@@ -114,7 +114,7 @@ class RemoteTensor(torch.Tensor):
     __str__ = __repr__
 
     def __format__(self, spec: str) -> str:
-        if spec and self._stand_in().dim() == 0:
+        if spec and not self._tmeta.shape:
             return format(self.item(), spec)  # what torch does for 0-dim tensors: fetches one value
         return format(repr(self), spec)
 
