@@ -1,28 +1,26 @@
-"""`Worker`: the client's handle on one worker - the websocket adapter around a `ClientProtocol`.
+"""`Worker`: the client's handle on one worker - what it asks of it, around a `ClientProtocol`.
 
-Calling rules: any thread may use a Worker. Asynchronous ops are queued and a background writer
-thread sends whatever has accumulated as one batch; requests that need an answer (`get`, `item`,
-`search`, ...) flush the queue from the caller's thread and wait for their reply, which a reader
-thread matches by id. No asyncio loop is used, so a Worker works where one already runs (Jupyter).
+Calling rules: any thread may use a Worker. Asynchronous ops are queued and sent in batches;
+requests that need an answer (`get`, `item`, `search`, ...) flush the queue from the caller's thread
+and wait for their reply, reading the socket themselves (`client_connection.py` says who reads and
+writes when; `websocket.py` how bytes move).
 """
 from __future__ import annotations
 
 import os
 import ssl as ssl_module
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any
 
 import torch
-import websockets
-from websockets.sync.client import connect as ws_connect
 
 from . import device as devices
 from . import remote_code
 from . import messages as m
 from ._gc import freeze_long_lived
-from ._transport import WEBSOCKET_OPTIONS, send_chunks
+from .client_connection import ClientConnection, open_connection, send_chunks
+from .websocket import ConnectionClosed
 from .ops import SET_GRADS_NONE
 from .errors import TorchRemoteError, WorkerConnectionError, WorkerPermissionError, from_info
 from .progress import transfer_bar
@@ -34,9 +32,6 @@ from . import wire
 
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
 FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
-RELEASE_POLL_S = 0.05        # how often released pointers are sent when nothing else is
-COALESCE_S = 0.0005          # while ops keep coming, the writer sends what gathered this often
-IDLE_POLLS = 20              # empty polls after which the writer sleeps until woken
 
 
 class Worker:
@@ -55,13 +50,14 @@ class Worker:
         self._pending: dict[int, Future] = {}
         self._deferred: list[m.Failure] = []
         self._closed: WorkerConnectionError | None = None
-        self._wake = threading.Event()  # wakes an idle writer
-        self._writer_idle = True
-        self._ws = _open(url, timeout=timeout, retry_for=retry_for, ssl=ssl,
-                         max_size=max_message_bytes)
+        self._ws = open_connection(url, timeout=timeout, retry_for=retry_for, ssl=ssl,
+                                   max_size=max_message_bytes)
         try:
             send_chunks(self._ws, self._protocol.hello())
-            welcome = self._protocol.receive_welcome(self._ws.recv(timeout=m.HANDSHAKE_TIMEOUT_S))
+            reply = self._ws.receive(timeout=m.HANDSHAKE_TIMEOUT_S)
+            if reply is None:
+                raise TimeoutError(f"no answer within {m.HANDSHAKE_TIMEOUT_S:g} s")
+            welcome = self._protocol.receive_welcome(reply)
         except TorchRemoteError:
             self._ws.close()
             raise
@@ -76,12 +72,9 @@ class Worker:
         self.client_id: str = welcome.client_id
         self.device: torch.device = devices.register(self)
         freeze_long_lived()
-        self._reader = threading.Thread(target=self._read_loop, name=f"torchremote-read-{self.id}",
-                                        daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name=f"torchremote-write-{self.id}",
-                                        daemon=True)
-        self._reader.start()
-        self._writer.start()
+        self._connection = ClientConnection(self._ws, self.id, url)
+        self._connection.start(on_message=self._on_message, flush=self._send_batch, has_queued=self._has_queued,
+                               on_lost=self._shutdown, placement=self._protocol)
 
     # --- public API ---
     def search(self, *tags: str) -> list[RemoteTensor]:
@@ -123,9 +116,7 @@ class Worker:
         except TorchRemoteError:
             pass
         self._shutdown(WorkerConnectionError(f"the connection to worker {self.id!r} was closed"))
-        self._ws.close()
-        self._reader.join(timeout=5)
-        self._writer.join(timeout=5)
+        self._connection.close()
 
     def __enter__(self) -> "Worker":
         return self
@@ -191,8 +182,8 @@ class Worker:
             full = self._protocol.pending_commands >= MAX_QUEUED_COMMANDS
         if full:
             self._flush()  # back-pressure: the caller sends the batch itself
-        elif self._writer_idle:
-            self._wake.set()
+        else:
+            self._connection.wake()
         return op_id
 
     def _call_sync(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> tuple[int, Any]:
@@ -264,7 +255,7 @@ class Worker:
 
     def _wait(self, future: Future, what: str) -> Any:
         try:
-            value = future.result()
+            value = self._connection.wait(future)
         except BaseException:
             self._deferred.clear()  # this error is what surfaces now
             raise
@@ -304,59 +295,27 @@ class Worker:
         try:
             chunks = self._protocol.encode(items)
             send_chunks(self._ws, chunks)
-        except wire.EncodeError:
-            raise
-        except Exception as e:
+        except ConnectionClosed as e:
             err = WorkerConnectionError(f"lost the connection to worker {self.id!r} at {self.url}: {e}")
             self._shutdown(err)
             raise err from e
         finally:
             self._send_lock.release()
 
-    def _write_loop(self) -> None:
-        """Sends what callers queue, in batches. While ops keep coming it polls every COALESCE_S:
-        a burst gathers into one frame, and callers never pay to wake this thread (one wake-up
-        per op was most of a small op's cost). After IDLE_POLLS empty polls it sleeps until a
-        caller sets `_wake` (or RELEASE_POLL_S passes, for pointers released meanwhile)."""
-        empty = 0
-        while self._closed is None:
-            if self._writer_idle:
-                self._wake.wait(RELEASE_POLL_S)
-                self._wake.clear()
-                self._writer_idle = False
-            time.sleep(COALESCE_S)
-            if not self._has_queued():
-                empty += 1
-                if empty >= IDLE_POLLS:
-                    self._writer_idle = True
-                    if not self._has_queued():  # a caller that queued before seeing the flag
-                        continue
-                    self._writer_idle = False
-                else:
-                    continue
-            empty = 0
-            try:
-                if self._closed is None:
-                    self._flush()
-            except wire.EncodeError as e:  # an argument the wire cannot carry: fail that batch
-                self._deferred.append(m.Failure(None, None, m.ErrorInfo("TypeError", str(e))))
-            except TorchRemoteError:
-                return
+    def _send_batch(self) -> None:
+        """The pump's flush: an argument the wire cannot carry fails its batch, reported at the next
+        synchronisation like any failed asynchronous op."""
+        try:
+            self._flush()
+        except wire.EncodeError as e:
+            self._deferred.append(m.Failure(None, None, m.ErrorInfo("TypeError", str(e))))
 
     def _has_queued(self) -> bool:
         return bool(self._protocol.pending_commands or self._protocol.pending_releases or self._grads_to_reset)
 
-    def _read_loop(self) -> None:
-        reason: Exception | None = None
-        try:
-            for data in self._ws:
-                for item in self._protocol.receive_data(data):
-                    self._deliver(item)
-        except Exception as e:  # closed, torn, or a protocol error: the connection is unusable
-            reason = e
-        self._shutdown(WorkerConnectionError(
-            f"lost the connection to worker {self.id!r} at {self.url}"
-            + (f": {reason}" if reason is not None else "")))
+    def _on_message(self, message: Any) -> None:
+        for item in self._protocol.receive_data(message):
+            self._deliver(item)
 
     def _deliver(self, item: Any) -> None:
         key = item.req_id if item.req_id is not None else getattr(item, "op_id", None)
@@ -374,35 +333,9 @@ class Worker:
             if self._closed is None:
                 self._closed = error
             pending, self._pending = self._pending, {}
-        self._wake.set()
         for future in pending.values():
             if not future.done():
                 future.set_exception(WorkerConnectionError(str(self._closed)))
-
-
-def _open(url: str, *, timeout: float, retry_for: float, ssl: ssl_module.SSLContext | None,
-          max_size: int) -> Any:
-    """Open the websocket, retrying with back-off while nothing listens yet, for `retry_for` s."""
-    deadline = time.monotonic() + retry_for
-    delay = 0.1
-    options = dict(open_timeout=timeout, max_size=max_size, proxy=None, **WEBSOCKET_OPTIONS)
-    if ssl is not None:
-        options["ssl"] = ssl
-    while True:
-        try:
-            # entered as a context manager (closed in close()): the form websockets 13-17 all accept
-            return ws_connect(url, **options).__enter__()
-        except ssl_module.SSLError as e:  # a certificate problem does not go away by waiting
-            raise WorkerConnectionError(f"TLS with the worker at {url} failed: {e}") from e
-        except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                waited = f" (retried for {retry_for:g} s)" if retry_for else ""
-                raise WorkerConnectionError(f"cannot connect to a worker at {url}{waited}: {e}") from e
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 2.0)
-        except Exception as e:
-            raise WorkerConnectionError(f"cannot connect to a worker at {url}: {e}") from e
 
 
 def connect(url: str, token: str | None = None, *, name: str | None = None, timeout: float = 10.0,

@@ -173,6 +173,11 @@ class Session:
         except Exception as e:
             self._send_failed(cmd.op_id, e, out)
 
+    def chunk_slot(self, send_id: int, offset: int, nbytes: int) -> torch.Tensor | None:
+        """Where the bytes of the next chunk of a large send go, read straight off the socket."""
+        entry = self._incoming.get(send_id)
+        return entry[0].slot(offset, nbytes) if entry is not None else None
+
     def _chunk(self, cmd: m.Chunk, out: list) -> None:
         entry = self._incoming.get(cmd.id)
         if entry is None:

@@ -20,6 +20,7 @@ import torch
 from . import messages as m
 from . import wire
 from .errors import ProtocolError, from_info, to_info
+from .websocket import Placed
 
 Chunks = list  # list[bytes | memoryview]: the parts of one websocket message, in order
 
@@ -151,10 +152,19 @@ class ClientProtocol:
         """The frame for taken items (needs no lock: it touches no session state)."""
         return wire.encode(items)
 
-    def receive_data(self, data: bytes) -> list:
+    # --- where the bytes of a large reply go (`websocket.Placement`) ---
+    head_length = staticmethod(wire.head_length)
+
+    def destination(self, head: bytes, remaining: int) -> torch.Tensor | None:
+        """A chunk of an announced reply goes straight into its tensor's buffer."""
+        chunk = wire.chunk_in(head, remaining)
+        assembly = self._incoming.get(chunk.id) if chunk is not None else None
+        return assembly.slot(chunk.offset, remaining) if assembly is not None else None
+
+    def receive_data(self, data: bytes | Placed) -> list:
         """The replies and failures in a message; a chunked tensor is returned once complete."""
         events = []
-        for item in wire.decode(data):
+        for item in decode(data):
             if isinstance(item, m.Reply) and isinstance(item.value, m.ChunkedTensor):
                 self._incoming[item.req_id] = wire.Assembly(item.value)
             elif isinstance(item, m.Chunk):
@@ -172,6 +182,14 @@ class ClientProtocol:
             else:
                 raise ProtocolError(f"unexpected {type(item).__name__} from the worker")
         return events
+
+
+def decode(data: bytes | Placed) -> list:
+    """A message's items; a placed one is the chunk whose bytes are already where they belong."""
+    if isinstance(data, Placed):
+        chunk = wire.chunk_in(data.head, data.tensor.numel())
+        return [m.Chunk(chunk.id, chunk.offset, data.tensor)]
+    return wire.decode(data)
 
 
 class ServerProtocol:
@@ -198,8 +216,8 @@ class ServerProtocol:
     def refuse(exc: BaseException) -> Chunks:
         return wire.encode([m.Failure(None, None, to_info(exc))])
 
-    def receive_data(self, data: bytes) -> list:
-        items = wire.decode(data)
+    def receive_data(self, data: bytes | Placed) -> list:
+        items = decode(data)
         for item in items:
             if not isinstance(item, self._COMMANDS):
                 raise ProtocolError(f"unexpected {type(item).__name__} from a client")

@@ -1,7 +1,8 @@
-"""The worker: the websocket adapter that runs each client's `Session` against one `ObjectStore`.
+"""The worker: runs each client's `Session` against one `ObjectStore`.
 
-Each connection is served on its own thread (websockets' threading server), so a slow op of one
-client does not stall the others, and torch kernels release the GIL while they run.
+Each connection is served on its own thread (`worker_connection.py`), which reads a batch, runs it
+and writes the replies; a slow op of one client does not stall the others, and torch kernels
+release the GIL while they run.
 """
 from __future__ import annotations
 
@@ -16,16 +17,15 @@ import threading
 from typing import Any, Iterable
 
 import torch
-import websockets
-from websockets.sync.server import ServerConnection, serve
 
 from ._gc import freeze_long_lived
 from . import messages as m
-from ._transport import WEBSOCKET_OPTIONS, send_chunks
 from .errors import ProtocolError, WorkerPermissionError, to_info
 from .execution import Session
 from .protocol import ServerProtocol
 from .store import ObjectStore, ObjectTable, object_id
+from .websocket import ConnectionClosed
+from .worker_connection import Listener, ServedConnection
 from . import wire
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -73,17 +73,11 @@ class WorkerServer:
         self.store = ObjectStore(owner=id)
         self.log = _make_logger(id, verbose, log_file)
         self._client_numbers = itertools.count(1)
-        self._connections: set[ServerConnection] = set()
-        self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._server = serve(self._handle, host, port, ssl=tls, max_size=max_message_bytes,
-                             **WEBSOCKET_OPTIONS)
-        self.host = host
-        self.port: int = self._server.socket.getsockname()[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"torchremote-worker-{id}",
-                                        daemon=True)
         freeze_long_lived()
-        self._thread.start()
+        self._listener = Listener(host, port, self._handle, tls=tls, max_size=max_message_bytes, name=id)
+        self.host = host
+        self.port: int = self._listener.port
         self.log.info("worker %r listening on %s", id, self.url)
 
     @property
@@ -124,12 +118,7 @@ class WorkerServer:
     def stop(self) -> None:
         """Stop listening, close every connection, free every client's objects."""
         self._stopped.set()
-        self._server.shutdown()
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            conn.close()
-        self._thread.join(timeout=5)
+        self._listener.stop()
         self.log.info("worker %r stopped", self.id)
 
     def __enter__(self) -> "WorkerServer":
@@ -142,12 +131,14 @@ class WorkerServer:
         return f"WorkerServer(id={self.id!r}, url={self.url!r}, device={self.device})"
 
     # --- one connection ---
-    def _handle(self, conn: ServerConnection) -> None:
-        address = conn.remote_address
-        peer = f"{address[0]}:{address[1]}" if address else "?"
+    def _handle(self, conn: ServedConnection) -> None:
+        peer = conn.peer
         protocol = ServerProtocol()
         try:
-            hello = protocol.receive_hello(conn.recv(timeout=m.HANDSHAKE_TIMEOUT_S))
+            first = conn.receive(m.HANDSHAKE_TIMEOUT_S)
+            if first is None:
+                raise TimeoutError(f"no Hello within {m.HANDSHAKE_TIMEOUT_S:g} s")
+            hello = protocol.receive_hello(first)
             if self._token is not None and not hmac.compare_digest(
                     (hello.token or "").encode(), self._token):
                 raise WorkerPermissionError("authentication failed: wrong or missing token")
@@ -155,31 +146,41 @@ class WorkerServer:
             self.log.warning("%s refused: %s", peer, e)
             _try_send(conn, protocol.refuse(e))
             return
-        except websockets.ConnectionClosed:
+        except ConnectionClosed:
             return
         client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
                           max_client_bytes=self.max_client_bytes, allow_code=self.allow_code)
-        with self._lock:
-            self._connections.add(conn)
         self.log.info("%s connected as %s", peer, client_id)
         try:
-            send_chunks(conn, protocol.welcome(self.id, client_id, self.max_message_bytes))
-            for data in conn:
+            conn.send(protocol.welcome(self.id, client_id, self.max_message_bytes))
+            for data in conn.messages(_ChunkPlacement(session)):
                 try:
                     replies = session.run(protocol.receive_data(data))
                 except ProtocolError as e:
                     self.log.warning("%s %s: %s", peer, client_id, e)
                     replies = [m.Failure(None, None, to_info(e))]
                 for frame in _encode_replies(protocol, replies):
-                    send_chunks(conn, frame)
-        except websockets.ConnectionClosed:
+                    conn.send(frame)
+        except ConnectionClosed:
             pass
+        except Exception as e:  # a fault of this connection's transport: drop it, keep serving others
+            self.log.warning("%s %s: dropped: %s: %s", peer, client_id, type(e).__name__, e)
         finally:
-            with self._lock:
-                self._connections.discard(conn)
             freed = session.close()
             self.log.info("%s %s disconnected; freed %d object(s)", peer, client_id, freed)
+
+
+class _ChunkPlacement:
+    """The bytes of a chunk of a large send go straight into the tensor being assembled."""
+    head_length = staticmethod(wire.head_length)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def destination(self, head: bytes, remaining: int) -> torch.Tensor | None:
+        chunk = wire.chunk_in(head, remaining)
+        return self.session.chunk_slot(chunk.id, chunk.offset, remaining) if chunk is not None else None
 
 
 def _encode_replies(protocol: ServerProtocol, replies: list) -> list:
@@ -201,11 +202,10 @@ def _printable(name: str, limit: int = 64) -> str:
     return re.sub(r"[^\w.@:+-]", "_", name[:limit]) or "client"
 
 
-def _try_send(conn: ServerConnection, chunks: list) -> None:
+def _try_send(conn: ServedConnection, chunks: list) -> None:
     try:
-        send_chunks(conn, chunks)
-        conn.close()
-    except Exception:
+        conn.send(chunks)
+    except ConnectionClosed:
         pass
 
 

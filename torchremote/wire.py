@@ -105,7 +105,7 @@ def _raw_view(t: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
     return t.permute(perm), perm
 
 
-def _bytes_of(t: torch.Tensor) -> memoryview:
+def bytes_of(t: torch.Tensor) -> memoryview:
     """A zero-copy view of a contiguous CPU tensor's bytes, keeping the tensor alive."""
     nbytes = t.numel() * t.element_size()
     if nbytes == 0:
@@ -118,7 +118,7 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 def _tensor_from(data: memoryview, dtype: torch.dtype, shape: list[int], perm: list[int] | None) -> torch.Tensor:
     out = torch.empty(len(data), dtype=torch.uint8)
     if len(data):
-        _bytes_of(out)[:] = data
+        bytes_of(out)[:] = data
     return _tensor_from_buffer(out, dtype, shape, perm)
 
 
@@ -212,7 +212,7 @@ class _Encoder:
         _check_tensor(t)
         raw, perm = _raw_view(t)
         self.table.append([str(t.dtype).removeprefix("torch."), list(t.shape), perm])
-        self.buffers.append(_bytes_of(raw))
+        self.buffers.append(bytes_of(raw))
         return len(self.table) - 1
 
 
@@ -281,12 +281,19 @@ class Assembly:
         self.buffer = torch.empty(header.nbytes, dtype=torch.uint8)
         self.received = 0
 
+    def slot(self, offset: int, nbytes: int) -> torch.Tensor | None:
+        """Where the next chunk's bytes go, if it is the next chunk (to be read straight in)."""
+        if offset != self.received or offset + nbytes > self.header.nbytes:
+            return None
+        return self.buffer[offset:offset + nbytes]
+
     def add(self, chunk: m.Chunk) -> bool:
-        """Copy a chunk in; True once the tensor is complete."""
+        """Take a chunk (copied in, unless it was read into its `slot`); True once complete."""
         end = chunk.offset + chunk.data.numel()
         if chunk.offset != self.received or end > self.header.nbytes:
             raise _fail("chunk out of order or past the end of its tensor")
-        self.buffer[chunk.offset:end].copy_(chunk.data)
+        if chunk.data.numel() and chunk.data.data_ptr() != self.buffer.data_ptr() + chunk.offset:
+            self.buffer[chunk.offset:end].copy_(chunk.data)
         self.received = end
         return self.received == self.header.nbytes
 
@@ -495,6 +502,38 @@ def _decode_table(table: Any, data: memoryview) -> list[torch.Tensor]:
     if offset != len(data):
         raise _fail("trailing bytes after tensor data")
     return tensors
+
+
+PREFIX_BYTES = _PREFIX.size
+
+
+def head_length(prefix: memoryview) -> int | None:
+    """How long a frame's head (prefix, body, table: all but the tensor bytes) is, from its first
+    `PREFIX_BYTES`; None when they are not a frame's."""
+    magic, body_len, table_len = _PREFIX.unpack_from(prefix)
+    return _PREFIX.size + body_len + table_len if magic == m.MAGIC else None
+
+
+_NO_DATA = torch.empty(0, dtype=torch.uint8)
+
+
+def chunk_in(head: bytes, remaining: int) -> m.Chunk | None:
+    """The `Chunk` a frame carries when the frame is exactly one chunk whose `remaining` bytes
+    follow `head` (its `data` left empty: the caller picks where those bytes go); else None."""
+    view = memoryview(head)
+    _, body_len, table_len = _PREFIX.unpack_from(view)
+    start = _PREFIX.size
+    try:
+        table = msgpack.unpackb(view[start + body_len:start + body_len + table_len], raw=False)
+        if table != [["uint8", [remaining], None]]:
+            return None
+        items = _Decoder([_NO_DATA]).unpack(view[start:start + body_len])
+        if not (type(items) is list and len(items) == 1):
+            return None
+        item = _struct(items[0])
+    except Exception:  # not a chunk frame after all: the ordinary decoder will judge it
+        return None
+    return item if type(item) is m.Chunk and item.data is _NO_DATA else None
 
 
 def decode(data: bytes | bytearray | memoryview) -> list:

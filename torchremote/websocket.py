@@ -1,0 +1,491 @@
+"""RFC 6455 connections on blocking sockets that the caller's own thread drives.
+
+websockets' sans-I/O protocol objects (`websockets.client.ClientProtocol`,
+`websockets.server.ServerProtocol`) do the opening handshake, ping/pong/close and every small frame.
+Large binary frames (`DIRECT_BYTES` and up, whole messages in one frame: what torchremote peers send
+for tensor chunks) are read and written here instead, because the sans-I/O parser buffers, slices,
+unmasks and hands over each payload, four copies that cost ~0.7 s per GiB on a 2-core machine:
+
+- reading, the payload goes from the socket straight into memory the caller picks (`Placement`: the
+  destination tensor of a chunk) and is unmasked there in place;
+- writing, the frame header goes out, then the payload's own buffers, unjoined; a client masks them
+  piece by piece (RFC 6455 requires client frames to be masked), one pass through the cache.
+
+Skipping complete unfragmented frames leaves the sans-I/O parser's state valid, so both kinds of
+frames can follow each other in any order. Any other websocket peer still just works: a fragmented or
+small message takes the sans-I/O path.
+
+One thread at a time may call `receive()`; `send()`, `ping()` and `close()` may be called from any
+thread. No thread is started here.
+"""
+from __future__ import annotations
+
+import os
+import select
+import socket
+import ssl as ssl_module
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidHandshake
+from websockets.frames import CloseCode, Opcode, apply_mask  # the C speedup when built
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from .wire import bytes_of
+
+DIRECT_BYTES = 256 << 10     # binary frames this large bypass the sans-I/O parser
+READ_BYTES = 256 << 10       # how much one read asks for when reading small frames
+MASK_PIECE_BYTES = 1 << 20   # a client masks large payloads this much at a time (stays in cache)
+MAX_HEAD_BYTES = 1 << 20     # the most of a large message read before choosing its destination
+MAX_HTTP_BYTES = 64 << 10    # an opening handshake longer than this is refused
+PING_INTERVAL_S = 10.0       # a peer quiet this long is pinged...
+PING_TIMEOUT_S = 10.0        # ...and declared dead if it then stays quiet this long
+STALL_S = 30.0               # a read or write of a started frame that makes no progress this long
+CLOSE_CODES_NORMAL = (CloseCode.NORMAL_CLOSURE, CloseCode.GOING_AWAY)
+
+
+class ConnectionClosed(Exception):
+    """The connection ended: closed by either side, torn, timed out, or broken by a protocol error."""
+
+
+@dataclass
+class Placed:
+    """A message whose bytes after `head` were read straight into `tensor` (uint8, exactly that long)."""
+    head: bytes
+    tensor: torch.Tensor
+
+
+class Placement(Protocol):
+    """Where the payload of a large message goes, decided from its first bytes."""
+
+    def head_length(self, prefix: memoryview) -> int | None:
+        """How many bytes of the message to read before choosing (`prefix` is the first 12)."""
+
+    def destination(self, head: bytes, remaining: int) -> torch.Tensor | None:
+        """A uint8 tensor of exactly `remaining` bytes to read the rest into, or None."""
+
+
+class WebSocket:
+    """An open websocket connection: `send()` messages, `receive()` them, `ping()`, `close()`."""
+
+    def __init__(self, sock: socket.socket, protocol: ClientProtocol | ServerProtocol,
+                 buffered: bytes = b"", *, stall_s: float = STALL_S) -> None:
+        self.sock = sock
+        self.protocol = protocol
+        self.is_client = isinstance(protocol, ClientProtocol)
+        self.max_size = protocol.max_message_size
+        self._buf = bytearray(buffered)   # bytes read but not yet parsed
+        self._send_lock = threading.Lock()    # one frame on the socket at a time
+        self._state_lock = threading.Lock()   # the sans-I/O object's state
+        self._fragments: list[bytes] = []     # a fragmented message, so far
+        self._pollers = threading.local()  # a poll object serves one thread at a time
+        self.last_received = time.monotonic()
+        self.last_sent = self.last_received
+        self._ping_sent: float | None = None
+        self.closed: str | None = None
+        sock.settimeout(stall_s)
+
+    # --- sending ---
+    def send(self, chunks: list) -> None:
+        """Send one binary message made of these buffers, in order."""
+        total = sum(len(c) for c in chunks)
+        with self._send_lock:
+            if total < DIRECT_BYTES:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                with self._state_lock:
+                    self._check_open()
+                    self.protocol.send_binary(data)
+                    writes = self.protocol.data_to_send()
+                self._write(writes)
+            else:
+                self._check_open()
+                self._write_large(chunks, total)
+            self.last_sent = time.monotonic()
+
+    def _write_large(self, chunks: list, total: int) -> None:
+        if total < 1 << 16:
+            length = bytes([126]) + struct.pack("!H", total)
+        else:
+            length = bytes([127]) + struct.pack("!Q", total)
+        if not self.is_client:
+            self._write([bytes([0x80 | Opcode.BINARY]) + length, *chunks])
+            return
+        mask = os.urandom(4)
+        header = bytes([0x80 | Opcode.BINARY]) + bytes([length[0] | 0x80]) + length[1:] + mask
+        self._write([header])
+        offset = 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            for start in range(0, len(view), MASK_PIECE_BYTES):
+                piece = view[start:start + MASK_PIECE_BYTES]
+                self._write([apply_mask(piece, _rotated(mask, offset))])
+                offset += len(piece)
+
+    def _write(self, buffers: list) -> None:
+        try:
+            for b in buffers:
+                if len(b):
+                    self.sock.sendall(b)
+        except (OSError, ValueError) as e:
+            raise self._lost(f"sending failed: {_describe(e)}") from e
+
+    def ping(self) -> None:
+        with self._send_lock:
+            with self._state_lock:
+                self._check_open()
+                self.protocol.send_ping(b"")
+                writes = self.protocol.data_to_send()
+            self._write(writes)
+            self._ping_sent = time.monotonic()
+            self.last_sent = self._ping_sent
+
+    def heartbeat(self) -> None:
+        """An unsolicited pong: tells a waiting peer this side is alive while it is busy. Skipped
+        while a frame is being sent (that is a sign of life too, and it may be stalled)."""
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            with self._state_lock:
+                self._check_open()
+                self.protocol.send_pong(b"")
+                writes = self.protocol.data_to_send()
+            self._write(writes)
+            self.last_sent = time.monotonic()
+        finally:
+            self._send_lock.release()
+
+    def keepalive(self, interval: float = PING_INTERVAL_S, timeout: float = PING_TIMEOUT_S) -> None:
+        """Ping a peer quiet for `interval`; `ConnectionClosed` once a ping is unanswered for `timeout`."""
+        now = time.monotonic()
+        if self._ping_sent is not None:
+            if self.last_received >= self._ping_sent:
+                self._ping_sent = None
+            elif now - self._ping_sent > timeout:
+                raise self._lost(f"the peer did not answer for {now - self.last_received:.0f} s")
+            else:
+                return
+        if now - self.last_received >= interval:
+            self.ping()
+
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Send a close frame if still open, then close the socket (a reader blocked in it returns)."""
+        try:
+            if self.closed is None:
+                with self._send_lock:
+                    with self._state_lock:
+                        if self.protocol.state is State.OPEN:
+                            self.protocol.send_close(code, reason)
+                        writes = self.protocol.data_to_send()
+                    self._write([w for w in writes if w])
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed = self.closed or "closed"
+            _close_socket(self.sock)
+
+    # --- receiving ---
+    def readable(self, timeout: float) -> bool:
+        """True when a message has started arriving (or the connection ended) within `timeout`."""
+        if self._buf or (isinstance(self.sock, ssl_module.SSLSocket) and self.sock.pending()):
+            return True
+        poller = getattr(self._pollers, "poller", None)
+        try:
+            if poller is None:
+                poller = self._pollers.poller = select.poll()
+                poller.register(self.sock.fileno(), select.POLLIN)
+            return bool(poller.poll(max(0.0, timeout) * 1000))
+        except (OSError, ValueError):
+            return True  # closed meanwhile: the read reports it
+
+    def receive(self, timeout: float | None = None, placement: Placement | None = None
+                ) -> bytes | bytearray | Placed | None:
+        """The next message, or None if none started within `timeout` (None: wait for ever).
+        Pings are answered on the way. Raises `ConnectionClosed` when the connection ends."""
+        while True:
+            if not self._buf and timeout is not None and not self.readable(timeout):
+                return None
+            message = self._next_frame(placement)
+            if message is not None:
+                return message
+            timeout = 0 if timeout is not None else None  # a control frame: keep going only on data
+
+    def _next_frame(self, placement: Placement | None) -> bytes | bytearray | Placed | None:
+        self._fill(2)
+        b0, b1 = self._buf[0], self._buf[1]
+        size, header = b1 & 0x7F, 2
+        if size == 126:
+            self._fill(4)
+            size, header = struct.unpack_from("!H", self._buf, 2)[0], 4
+        elif size == 127:
+            self._fill(10)
+            size, header = struct.unpack_from("!Q", self._buf, 2)[0], 10
+        masked = bool(b1 & 0x80)
+        header += 4 if masked else 0
+        if self.max_size is not None and size > self.max_size:
+            self._fail(CloseCode.MESSAGE_TOO_BIG, f"a frame of {size} bytes is over the limit of {self.max_size}")
+        if (size >= DIRECT_BYTES and b0 == 0x80 | Opcode.BINARY and masked != self.is_client
+                and self.protocol.current_size is None and self.protocol.state is State.OPEN):
+            self._fill(header)
+            mask = bytes(self._buf[header - 4:header]) if masked else None
+            del self._buf[:header]
+            return self._read_large(size, mask, placement)
+        self._fill(header + size)
+        frame = bytes(self._buf[:header + size])
+        del self._buf[:header + size]
+        return self._feed(frame)
+
+    def _feed(self, frame: bytes) -> bytes | None:
+        """Let the sans-I/O protocol parse a frame; answer what it answers; return a message if one
+        is complete."""
+        with self._state_lock:
+            self.protocol.receive_data(frame)
+            events = self.protocol.events_received()
+            writes = self.protocol.data_to_send()
+            error = self.protocol.parser_exc
+        if writes:
+            with self._send_lock:
+                self._write([w for w in writes if w])
+        if error is not None:
+            raise self._lost(f"protocol error: {error}")
+        message = None
+        for event in events:
+            opcode = event.opcode
+            if opcode is Opcode.BINARY or opcode is Opcode.TEXT or opcode is Opcode.CONT:
+                self._fragments.append(event.data)
+                if event.fin:
+                    parts, self._fragments = self._fragments, []
+                    message = parts[0] if len(parts) == 1 else b"".join(parts)  # text too: as bytes
+            elif opcode is Opcode.CLOSE:
+                close = self.protocol.close_rcvd
+                code = close.code if close is not None else CloseCode.NO_STATUS_RCVD
+                why = f" ({close.reason})" if close is not None and close.reason else ""
+                self.closed = f"closed by the peer (code {int(code)}{why})"
+                _close_socket(self.sock)
+                raise ConnectionClosed(self.closed)
+        return message
+
+    def _read_large(self, size: int, mask: bytes | None, placement: Placement | None
+                    ) -> bytearray | Placed:
+        """A whole binary message in one large frame, its payload read where the placement says."""
+        head_len = None
+        if placement is not None and size >= 12:
+            prefix = self._read_exact(12, mask, 0)
+            head_len = placement.head_length(memoryview(prefix))
+            if head_len is not None and 12 <= head_len <= min(size, MAX_HEAD_BYTES):
+                head = bytes(prefix) + bytes(self._read_exact(head_len - 12, mask, 12))
+                target = placement.destination(head, size - head_len)
+                if target is not None:
+                    self._read_into(bytes_of(target), mask, head_len)
+                    return Placed(head, target)
+                rest = bytearray(size)
+                rest[:head_len] = head
+                self._read_into(memoryview(rest)[head_len:], mask, head_len)
+                return rest
+            rest = bytearray(size)
+            rest[:12] = prefix
+            self._read_into(memoryview(rest)[12:], mask, 12)
+            return rest
+        payload = bytearray(size)
+        self._read_into(memoryview(payload), mask, 0)
+        return payload
+
+    def _read_exact(self, n: int, mask: bytes | None, phase: int) -> bytearray:
+        out = bytearray(n)
+        self._read_into(memoryview(out), mask, phase)
+        return out
+
+    def _read_into(self, view: memoryview, mask: bytes | None, phase: int) -> None:
+        """Fill `view` from what is buffered, then from the socket; unmask it in place."""
+        got = min(len(self._buf), len(view))
+        if got:
+            view[:got] = self._buf[:got]
+            del self._buf[:got]
+        try:
+            while got < len(view):
+                n = self.sock.recv_into(view[got:])
+                if n == 0:
+                    raise self._lost("the peer closed the connection in mid-message")
+                got += n
+        except (OSError, ValueError) as e:
+            raise self._lost(f"reading failed: {_describe(e)}") from e
+        self.last_received = time.monotonic()
+        if mask is not None:
+            unmask_in_place(view, _rotated(mask, phase))
+
+    def _fill(self, n: int) -> None:
+        """Read until at least `n` bytes are buffered."""
+        try:
+            while len(self._buf) < n:
+                data = self.sock.recv(max(READ_BYTES, n - len(self._buf)))
+                if not data:
+                    raise self._lost("the peer closed the connection" +
+                                     (" in mid-message" if self._buf or self._fragments else ""))
+                self._buf += data
+        except (OSError, ValueError) as e:
+            raise self._lost(f"reading failed: {_describe(e)}") from e
+        self.last_received = time.monotonic()
+
+    # --- failure ---
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise ConnectionClosed(self.closed)
+        if self.protocol.state is not State.OPEN:
+            raise ConnectionClosed("the connection is closing")
+
+    def _fail(self, code: int, reason: str) -> None:
+        """A protocol violation by the peer: tell it why (best effort), close, raise."""
+        try:
+            with self._state_lock:
+                self.protocol.fail(code, reason[:120])
+                writes = self.protocol.data_to_send()
+            with self._send_lock:
+                self._write([w for w in writes if w])
+        except ConnectionClosed:
+            pass
+        raise self._lost(reason)
+
+    def _lost(self, why: str) -> ConnectionClosed:
+        if self.closed is None:
+            self.closed = why
+            _close_socket(self.sock)
+        return ConnectionClosed(self.closed)
+
+
+def unmask_in_place(view: memoryview, mask: bytes) -> None:
+    """XOR `view` with the repeating 4-byte `mask`: 4 bytes at a time through torch, in place."""
+    n = len(view)
+    if n == 0:
+        return
+    address = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
+    lead = min((-address) % 4, n)
+    if lead:
+        view[:lead] = apply_mask(view[:lead], mask)
+    bulk = (n - lead) // 4 * 4
+    if bulk:
+        word = int.from_bytes(_rotated(mask, lead), "little", signed=True)
+        torch.frombuffer(view[lead:lead + bulk], dtype=torch.int32).bitwise_xor_(word)
+    if lead + bulk < n:
+        view[lead + bulk:] = apply_mask(view[lead + bulk:], _rotated(mask, lead + bulk))
+
+
+def _rotated(mask: bytes, offset: int) -> bytes:
+    """The mask as it applies from byte `offset` of a payload on."""
+    k = offset % 4
+    return mask[k:] + mask[:k] if k else mask
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+def _close_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+# --- opening handshakes ------------------------------------------------------------------------
+
+def _read_http(sock: socket.socket, protocol: Any, deadline: float) -> tuple[Any, bytes]:
+    """Feed the peer's HTTP request or response to `protocol` until it yields it; returns it and the
+    bytes read past its end (frames, which the frame reader takes over)."""
+    buf, head_done = b"", False
+    while True:
+        if not head_done:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head_done = True
+                protocol.receive_data(buf[:end + 4])
+                buf = buf[end + 4:]
+                events = protocol.events_received()
+                if events:
+                    return events[0], buf
+                protocol.receive_data(buf)  # a refusal with a body: the parser reads on
+                buf = b""
+            elif len(buf) > MAX_HTTP_BYTES:
+                raise ConnectionClosed("the opening handshake is too long")
+        events = protocol.events_received() if head_done else []
+        if events:
+            return events[0], b""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out during the opening handshake")
+        sock.settimeout(remaining)
+        data = sock.recv(READ_BYTES)
+        if not data:
+            protocol.receive_eof()
+            events = protocol.events_received()
+            if events:
+                return events[0], b""
+            raise ConnectionClosed("the peer closed the connection during the opening handshake")
+        if head_done:
+            protocol.receive_data(data)
+        else:
+            buf += data
+
+
+def open_client(url: str, *, timeout: float, ssl: ssl_module.SSLContext | None, max_size: int | None,
+                stall_s: float = STALL_S) -> WebSocket:
+    """Connect to `url` (ws:// or wss://, certificates verified unless `ssl` says otherwise)."""
+    uri = parse_uri(url)
+    deadline = time.monotonic() + timeout
+    sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if uri.secure:
+            context = ssl if ssl is not None else ssl_module.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=uri.host)
+        protocol = ClientProtocol(uri, max_size=max_size)
+        protocol.send_request(protocol.connect())
+        for data in protocol.data_to_send():
+            sock.sendall(data)
+        response, rest = _read_http(sock, protocol, deadline)
+        if protocol.handshake_exc is not None:
+            raise protocol.handshake_exc
+        if not isinstance(response, Response) or protocol.state is not State.OPEN:
+            raise InvalidHandshake("the server did not accept the websocket upgrade")
+        return WebSocket(sock, protocol, rest, stall_s=stall_s)
+    except BaseException:
+        _close_socket(sock)
+        raise
+
+
+def accept_server(sock: socket.socket, *, timeout: float, max_size: int | None,
+                  process_request: Callable[[Request], Response | None] | None = None,
+                  stall_s: float = STALL_S) -> WebSocket:
+    """Run the server side of the opening handshake on an accepted (and, for TLS, wrapped) socket.
+    Raises after answering a request that is not a websocket upgrade with an HTTP error."""
+    deadline = time.monotonic() + timeout
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    protocol = ServerProtocol(max_size=max_size)
+    try:
+        if isinstance(sock, ssl_module.SSLSocket):
+            sock.settimeout(timeout)
+            sock.do_handshake()
+        request, rest = _read_http(sock, protocol, deadline)
+        if not isinstance(request, Request):
+            raise ConnectionClosed("the peer sent no HTTP request")
+        response = protocol.accept(request)
+        protocol.send_response(response)
+        for data in protocol.data_to_send():
+            if data:
+                sock.sendall(data)
+        if protocol.handshake_exc is not None:
+            raise protocol.handshake_exc
+        return WebSocket(sock, protocol, rest, stall_s=stall_s)
+    except BaseException:
+        _close_socket(sock)
+        raise
