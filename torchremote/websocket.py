@@ -1,19 +1,18 @@
 """RFC 6455 connections on blocking sockets that the caller's own thread drives.
 
 websockets' sans-I/O protocol objects (`websockets.client.ClientProtocol`,
-`websockets.server.ServerProtocol`) do the opening handshake, ping/pong/close and every small frame.
-Large binary frames (`DIRECT_BYTES` and up, whole messages in one frame: what torchremote peers send
-for tensor chunks) are read and written here instead, because the sans-I/O parser buffers, slices,
-unmasks and hands over each payload, four copies that cost ~0.7 s per GiB on a 2-core machine:
+`websockets.server.ServerProtocol`) run the opening handshake, ping/pong, the closing handshake and
+any fragmented or text message a foreign peer sends. A binary message in one frame, which is how
+torchremote peers send every message, is framed and parsed here instead:
 
-- reading, the payload goes from the socket straight into memory the caller picks (`Placement`: the
-  destination tensor of a chunk) and is unmasked there in place;
-- writing, the frame header goes out, then the payload's own buffers, unjoined; a client masks them
-  piece by piece (RFC 6455 requires client frames to be masked), one pass through the cache.
+- reading, its payload goes from the socket straight into memory the caller picks (`Placement`: the
+  destination tensor of a chunk) and is unmasked there in place. The sans-I/O parser would buffer,
+  slice, unmask and hand over each payload: four copies, ~0.7 s per GiB on a 2-core machine;
+- writing, the header goes out, then the payload's own buffers, unjoined; a client masks them piece
+  by piece (RFC 6455 requires client frames to be masked), one pass through the cache.
 
-Skipping complete unfragmented frames leaves the sans-I/O parser's state valid, so both kinds of
-frames can follow each other in any order. Any other websocket peer still just works: a fragmented or
-small message takes the sans-I/O path.
+Skipping whole unfragmented frames leaves the sans-I/O parser's state valid, so the two paths can
+take turns frame by frame, and any websocket peer can still talk to either side.
 
 One thread at a time may call `receive()`; `send()`, `ping()` and `close()` may be called from any
 thread. No thread is started here.
@@ -41,9 +40,12 @@ from websockets.uri import parse_uri
 
 from .wire import bytes_of
 
-DIRECT_BYTES = 256 << 10     # binary frames this large bypass the sans-I/O parser
+DIRECT_BYTES = 256 << 10     # binary frames this large are read straight to their destination
+JOIN_BYTES = 64 << 10        # smaller messages go out as one buffer (one write), larger unjoined
 READ_BYTES = 256 << 10       # how much one read asks for when reading small frames
 MASK_PIECE_BYTES = 1 << 20   # a client masks large payloads this much at a time (stays in cache)
+UNMASK_WORDS = 32768         # torch's grain size: smaller ops never wake its thread pool, whose
+                             # spinning threads would take the cores the socket copies need
 MAX_HEAD_BYTES = 1 << 20     # the most of a large message read before choosing its destination
 MAX_HTTP_BYTES = 64 << 10    # an opening handshake longer than this is refused
 PING_INTERVAL_S = 10.0       # a peer quiet this long is pinged...
@@ -95,32 +97,23 @@ class WebSocket:
 
     # --- sending ---
     def send(self, chunks: list) -> None:
-        """Send one binary message made of these buffers, in order."""
+        """Send one binary message made of these buffers, in order, as one frame."""
         total = sum(len(c) for c in chunks)
+        mask = os.urandom(4) if self.is_client else None
+        header = _frame_header(total, mask)
         with self._send_lock:
-            if total < DIRECT_BYTES:
+            self._check_open()
+            if total < JOIN_BYTES:  # one write: header and payload together
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                with self._state_lock:
-                    self._check_open()
-                    self.protocol.send_binary(data)
-                    writes = self.protocol.data_to_send()
-                self._write(writes)
+                self._write([header + (apply_mask(data, mask) if mask else bytes(data))])
+            elif mask is None:
+                self._write([header, *chunks])
             else:
-                self._check_open()
-                self._write_large(chunks, total)
+                self._write([header])
+                self._write_masked(chunks, mask)
             self.last_sent = time.monotonic()
 
-    def _write_large(self, chunks: list, total: int) -> None:
-        if total < 1 << 16:
-            length = bytes([126]) + struct.pack("!H", total)
-        else:
-            length = bytes([127]) + struct.pack("!Q", total)
-        if not self.is_client:
-            self._write([bytes([0x80 | Opcode.BINARY]) + length, *chunks])
-            return
-        mask = os.urandom(4)
-        header = bytes([0x80 | Opcode.BINARY]) + bytes([length[0] | 0x80]) + length[1:] + mask
-        self._write([header])
+    def _write_masked(self, chunks: list, mask: bytes) -> None:
         offset = 0
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
@@ -231,12 +224,20 @@ class WebSocket:
         header += 4 if masked else 0
         if self.max_size is not None and size > self.max_size:
             self._fail(CloseCode.MESSAGE_TOO_BIG, f"a frame of {size} bytes is over the limit of {self.max_size}")
-        if (size >= DIRECT_BYTES and b0 == 0x80 | Opcode.BINARY and masked != self.is_client
+        if (b0 == 0x80 | Opcode.BINARY and masked != self.is_client
                 and self.protocol.current_size is None and self.protocol.state is State.OPEN):
-            self._fill(header)
-            mask = bytes(self._buf[header - 4:header]) if masked else None
-            del self._buf[:header]
-            return self._read_large(size, mask, placement)
+            # a whole binary message in one frame, as torchremote peers send them: read here
+            if size >= DIRECT_BYTES:
+                self._fill(header)
+                mask = bytes(self._buf[header - 4:header]) if masked else None
+                del self._buf[:header]
+                return self._read_large(size, mask, placement)
+            self._fill(header + size)
+            payload = bytes(self._buf[header:header + size])
+            if masked:
+                payload = apply_mask(payload, bytes(self._buf[header - 4:header]))
+            del self._buf[:header + size]
+            return payload
         self._fill(header + size)
         frame = bytes(self._buf[:header + size])
         del self._buf[:header + size]
@@ -250,9 +251,14 @@ class WebSocket:
             events = self.protocol.events_received()
             writes = self.protocol.data_to_send()
             error = self.protocol.parser_exc
+        closing = any(event.opcode is Opcode.CLOSE for event in events)
         if writes:
-            with self._send_lock:
-                self._write([w for w in writes if w])
+            try:
+                with self._send_lock:
+                    self._write([w for w in writes if w])
+            except ConnectionClosed:
+                if not closing:  # the echo of a close may find the peer gone: that is its right
+                    raise
         if error is not None:
             raise self._lost(f"protocol error: {error}")
         message = None
@@ -360,7 +366,7 @@ class WebSocket:
 
 
 def unmask_in_place(view: memoryview, mask: bytes) -> None:
-    """XOR `view` with the repeating 4-byte `mask`: 4 bytes at a time through torch, in place."""
+    """XOR `view` with the repeating 4-byte `mask` in place, 4 bytes at a time through torch."""
     n = len(view)
     if n == 0:
         return
@@ -371,9 +377,23 @@ def unmask_in_place(view: memoryview, mask: bytes) -> None:
     bulk = (n - lead) // 4 * 4
     if bulk:
         word = int.from_bytes(_rotated(mask, lead), "little", signed=True)
-        torch.frombuffer(view[lead:lead + bulk], dtype=torch.int32).bitwise_xor_(word)
+        words = torch.frombuffer(view[lead:lead + bulk], dtype=torch.int32)
+        for start in range(0, len(words), UNMASK_WORDS):  # blocks torch runs on this thread alone
+            words[start:start + UNMASK_WORDS].bitwise_xor_(word)
     if lead + bulk < n:
         view[lead + bulk:] = apply_mask(view[lead + bulk:], _rotated(mask, lead + bulk))
+
+
+def _frame_header(size: int, mask: bytes | None) -> bytes:
+    """The header of a final binary frame of `size` bytes (RFC 6455 5.2), masked when `mask` is given."""
+    bit = 0x80 if mask is not None else 0
+    if size < 126:
+        header = bytes([0x80 | Opcode.BINARY, bit | size])
+    elif size < 1 << 16:
+        header = bytes([0x80 | Opcode.BINARY, bit | 126]) + struct.pack("!H", size)
+    else:
+        header = bytes([0x80 | Opcode.BINARY, bit | 127]) + struct.pack("!Q", size)
+    return header + mask if mask is not None else header
 
 
 def _rotated(mask: bytes, offset: int) -> bytes:

@@ -26,6 +26,7 @@ import msgpack
 import torch
 
 from . import messages as m
+from ._memory import empty_bytes
 from .errors import ProtocolError
 
 _PREFIX = struct.Struct("<4sII")
@@ -278,7 +279,7 @@ class Assembly:
         if header.perm is not None and sorted(header.perm) != list(range(len(header.shape))):
             raise _fail("bad chunked tensor layout")
         self.header = header
-        self.buffer = torch.empty(header.nbytes, dtype=torch.uint8)
+        self.buffer = empty_bytes(header.nbytes)
         self.received = 0
 
     def slot(self, offset: int, nbytes: int) -> torch.Tensor | None:
