@@ -24,9 +24,21 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
 	touch $(BENCH_STAMP)
 
+# mycelya-torch, an optional peer, in an environment of its own (it compiles against torch and
+# brings many dependencies). Tried once; where it does not build, the bench says so and goes on.
+MYCELYA_VENV := .venv-mycelya
+MYCELYA_STAMP := $(VENV)/.tried-mycelya
+
+$(MYCELYA_STAMP): $(STAMP)
+	-$(PYTHON) -m venv $(MYCELYA_VENV) && \
+	  $(MYCELYA_VENV)/bin/pip install --quiet -c constraints.txt torch setuptools wheel && \
+	  $(MYCELYA_VENV)/bin/pip install --quiet --no-build-isolation -c constraints.txt mycelya-torch || \
+	  { echo "mycelya-torch did not build here: the bench leaves it out"; rm -rf $(MYCELYA_VENV); }
+	touch $(MYCELYA_STAMP)
+
 # torchremote beside local torch, torch.distributed.rpc, raw websockets and raw TCP; writes
 # benchmarks/results/{results.md,results.json,transfer.png,latency.png}. About 5 minutes on 2 cores.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) $(MYCELYA_STAMP)
 	$(PY) -m benchmarks.bench
 
 # every op in PyTorch's OpInfo database, locally and on a worker: float32, int64, bool and complex64
@@ -36,4 +48,4 @@ conformance: $(STAMP)
 	$(PY) -m benchmarks.conformance
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(MYCELYA_VENV) .pytest_cache .hypothesis build *.egg-info

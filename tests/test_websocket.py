@@ -31,7 +31,8 @@ def ws_pair(**options) -> tuple[WebSocket, WebSocket]:
     return client, server
 
 
-def raw_client_to(server_side: socket.socket) -> ClientProtocol:
+def raw_client() -> ClientProtocol:
+    """websockets' own client protocol object, open: writes frames exactly as RFC 6455 says."""
     return ClientProtocol(parse_uri("ws://peer"), state=State.OPEN, max_size=None)
 
 
@@ -48,7 +49,7 @@ def write_raw(sock: socket.socket, proto, step: int | None = None) -> None:
 def test_fragmented_messages_with_a_ping_between_fragments():
     a, b = socket.socketpair()
     server = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=None))
-    peer = raw_client_to(a)
+    peer = raw_client()
     peer.send_binary(b"ab", fin=False)
     peer.send_continuation(b"cd", fin=False)
     peer.send_ping(b"are you there")
@@ -75,7 +76,7 @@ def test_frames_split_across_reads_and_both_paths_interleaved():
     # and one byte per TCP write, through the sans-I/O path (a fragmented message) and ours
     a, b = socket.socketpair()
     receiver = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=None))
-    peer = raw_client_to(a)
+    peer = raw_client()
     peer.send_binary(b"1234", fin=False)
     peer.send_continuation(b"5678", fin=True)
     peer.send_binary(b"whole")
@@ -106,7 +107,7 @@ def test_a_large_message_is_read_into_the_destination_the_placement_picks():
 def test_a_close_in_mid_message_is_a_clean_error():
     a, b = socket.socketpair()
     server = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=None))
-    peer = raw_client_to(a)
+    peer = raw_client()
     peer.send_binary(os.urandom(2 * MiB))
     data = b"".join(peer.data_to_send())
 
