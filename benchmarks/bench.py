@@ -211,7 +211,7 @@ def transfer(bob: tr.Worker, ws, tcp: TcpClient, rpc, results: dict, sizes: list
         t = torch.randint(0, 255, (size,), dtype=torch.uint8)
         data = t.numpy().tobytes()
         n = max(1, min(200, (64 * MiB) // size))
-        reps = 2 if size >= GiB else 3 if size >= 64 * MiB else 5
+        reps = 2 if size >= GiB else 3 if size > 64 * MiB else 5
 
         def remote():
             r = t.send(bob)

@@ -6,6 +6,7 @@ made by `make bench` where `pip install mycelya-torch` builds: it compiles again
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import statistics
 import time
@@ -33,7 +34,7 @@ def main() -> None:
     x = torch.ones(10).to(device)
     big = torch.randint(0, 255, (64 * MiB,), dtype=torch.uint8)
     print(json.dumps({
-        "version": getattr(mycelya_torch, "__version__", "?"),
+        "version": importlib.metadata.version("mycelya-torch"),
         "sync_small_op_us": per_call(lambda: (x + 1).sum().item(), 200) * 1e6,
         "send_get_64mib_mib_s": 2 * 64 / per_call(lambda: big.to(device).cpu(), 1, 3),
     }))
