@@ -29,24 +29,13 @@ import torch
 
 import torchremote as tr
 from benchmarks import peers, training
+from benchmarks.timing import per_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def per_call(fn, n: int, repeats: int = 5) -> float:
-    """Median seconds per call of fn() over `repeats` timed loops of n calls."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
-
 
 def start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -223,7 +212,6 @@ def transfer(bob: tr.Worker, ws, tcp: TcpClient, rpc, results: dict, sizes: list
                          ("raw TCP echo", lambda: tcp.echo(data))):
             seconds = per_call(fn, n, reps)
             curve[name][size] = 2 * size / seconds / MiB  # MiB/s, both directions counted
-        del t, data
         gc.collect()
     results["transfer_mib_s"] = curve
 
@@ -301,7 +289,7 @@ def report(results: dict) -> str:
               f"| client memory per live RemoteTensor | {results['pointer_bytes']:.0f} B |",
               f"| send {fmt_size(mem['moved_bytes'])} (median of {mem['moves']}) | {mem['send_s']:.2f} s |",
               f"| get {fmt_size(mem['moved_bytes'])} (median of {mem['moves']}) | {mem['get_s']:.2f} s |",
-              f"| each move, send / get | " + ", ".join(f"{a:.2f} / {b:.2f} s" for a, b in
+              "| each move, send / get | " + ", ".join(f"{a:.2f} / {b:.2f} s" for a, b in
                                                      zip(mem["send_s_each"], mem["get_s_each"])) + " |",
               f"| client peak extra RSS while moving it (first move) | {mem['client_peak_extra_bytes'] / GiB:.2f} GiB |",
               f"| worker peak extra RSS while moving it (first move) | {mem['worker_peak_extra_bytes'] / GiB:.2f} GiB |"]

@@ -8,23 +8,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import statistics
-import time
 
 import torch
 
+from benchmarks.timing import per_call
+
 MiB = 1 << 20
-
-
-def per_call(fn, n: int, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -31,9 +31,12 @@ def ws_pair(**options) -> tuple[WebSocket, WebSocket]:
     return client, server
 
 
-def raw_client() -> ClientProtocol:
-    """websockets' own client protocol object, open: writes frames exactly as RFC 6455 says."""
-    return ClientProtocol(parse_uri("ws://peer"), state=State.OPEN, max_size=None)
+def server_and_raw_client(max_size: int | None = None) -> tuple[WebSocket, socket.socket, ClientProtocol]:
+    """A server WebSocket, the socket of its peer, and websockets' own client protocol object to
+    write that peer's frames exactly as RFC 6455 says."""
+    a, b = socket.socketpair()
+    server = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=max_size))
+    return server, a, ClientProtocol(parse_uri("ws://peer"), state=State.OPEN, max_size=None)
 
 
 def write_raw(sock: socket.socket, proto, step: int | None = None) -> None:
@@ -47,9 +50,7 @@ def write_raw(sock: socket.socket, proto, step: int | None = None) -> None:
 
 
 def test_fragmented_messages_with_a_ping_between_fragments():
-    a, b = socket.socketpair()
-    server = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=None))
-    peer = raw_client()
+    server, a, peer = server_and_raw_client()
     peer.send_binary(b"ab", fin=False)
     peer.send_continuation(b"cd", fin=False)
     peer.send_ping(b"are you there")
@@ -74,9 +75,7 @@ def test_frames_split_across_reads_and_both_paths_interleaved():
     sender.join()
     assert got == messages
     # and one byte per TCP write, through the sans-I/O path (a fragmented message) and ours
-    a, b = socket.socketpair()
-    receiver = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=None))
-    peer = raw_client()
+    receiver, a, peer = server_and_raw_client()
     peer.send_binary(b"1234", fin=False)
     peer.send_continuation(b"5678", fin=True)
     peer.send_binary(b"whole")
@@ -105,9 +104,7 @@ def test_a_large_message_is_read_into_the_destination_the_placement_picks():
 
 
 def test_a_close_in_mid_message_is_a_clean_error():
-    a, b = socket.socketpair()
-    server = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=None))
-    peer = raw_client()
+    server, a, peer = server_and_raw_client()
     peer.send_binary(os.urandom(2 * MiB))
     data = b"".join(peer.data_to_send())
 
@@ -173,15 +170,13 @@ def test_a_peer_that_stops_reading_is_dropped_after_the_stall_timeout():
 
 
 def test_protocol_violations_close_the_connection_with_a_reason():
-    a, b = socket.socketpair()
-    server = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=1000))
+    server, a, _ = server_and_raw_client(max_size=1000)
     a.sendall(bytes([0x82, 0x05]) + b"hello")   # a client frame without a mask
     with pytest.raises(ConnectionClosed, match="protocol error"):
         server.receive(5)
     a.settimeout(5)
     assert a.recv(2)[0] == 0x88                  # a close frame goes back
-    a, b = socket.socketpair()
-    server = WebSocket(b, ServerProtocol(state=State.OPEN, max_size=1000))
+    server, a, _ = server_and_raw_client(max_size=1000)
     a.sendall(bytes([0x82, 0xFF]) + (1 << 40).to_bytes(8, "big") + os.urandom(4))  # 1 TiB claimed
     with pytest.raises(ConnectionClosed, match="over the limit"):
         server.receive(5)

@@ -132,13 +132,8 @@ class WebSocket:
 
     def ping(self) -> None:
         with self._send_lock:
-            with self._state_lock:
-                self._check_open()
-                self.protocol.send_ping(b"")
-                writes = self.protocol.data_to_send()
-            self._write(writes)
-            self._ping_sent = time.monotonic()
-            self.last_sent = self._ping_sent
+            self._send_control(self.protocol.send_ping)
+            self._ping_sent = self.last_sent
 
     def heartbeat(self) -> None:
         """An unsolicited pong: tells a waiting peer this side is alive while it is busy. Skipped
@@ -146,14 +141,18 @@ class WebSocket:
         if not self._send_lock.acquire(blocking=False):
             return
         try:
-            with self._state_lock:
-                self._check_open()
-                self.protocol.send_pong(b"")
-                writes = self.protocol.data_to_send()
-            self._write(writes)
-            self.last_sent = time.monotonic()
+            self._send_control(self.protocol.send_pong)
         finally:
             self._send_lock.release()
+
+    def _send_control(self, queue: Callable[[bytes], None]) -> None:
+        """Queue a control frame with the sans-I/O protocol and write it (send lock held)."""
+        with self._state_lock:
+            self._check_open()
+            queue(b"")
+            writes = self.protocol.data_to_send()
+        self._write(writes)
+        self.last_sent = time.monotonic()
 
     def keepalive(self, interval: float = PING_INTERVAL_S, timeout: float = PING_TIMEOUT_S) -> None:
         """Ping a peer quiet for `interval`; `ConnectionClosed` once a ping is unanswered for `timeout`."""
