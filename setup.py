@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["torchremote", "torchremote.*"]),
     python_requires=">=3.11",
-    install_requires=["torch>=2.4", "websockets>=13", "msgpack>=1.0", "tqdm>=4.60", "cloudpickle>=2.0"],
+    install_requires=["torch>=2.4", "websockets>=14", "msgpack>=1.0", "tqdm>=4.60", "cloudpickle>=2.0",
+                      "safetensors>=0.4"],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "psutil>=5.9", "numpy>=1.26",
                  "trustme>=1.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",

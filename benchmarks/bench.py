@@ -28,7 +28,7 @@ import psutil
 import torch
 
 import torchremote as tr
-from benchmarks import peers, training
+from benchmarks import load, peers, training
 from benchmarks.timing import per_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -284,6 +284,13 @@ def report(results: dict) -> str:
                   f"| 64 MiB send+get, MiB/s | {myc['send_get_64mib_mib_s']:.0f} | "
                   f"{tr_curve['torchremote send+get'][64 * MiB]:.0f} |"]
     lines += training.report(results)
+    ld = results["load"]
+    lines += ["", f"### 4b. {ld['clients']} clients at once on one worker, {load.OPS_EACH} synchronous ops each "
+              "(all in one client process)", "", "| figure | value |", "| --- | ---: |",
+              f"| wrong or missing results | {len(ld['failures'])} of {ld['clients'] * load.OPS_EACH} ({ld['hung']} clients hung) |",
+              f"| sync op latency p50 / p99 | {ld['p50_us'] / 1e3:.1f} / {ld['p99_us'] / 1e3:.1f} ms |",
+              f"| worker peak extra RSS | {ld['worker_peak_extra_bytes'] / MiB:.0f} MiB |",
+              f"| wall time | {ld['wall_s']:.1f} s |"]
     mem = results["memory"]
     lines += ["", "### 5. Memory", "", "| what | figure |", "| --- | ---: |",
               f"| client memory per live RemoteTensor | {results['pointer_bytes']:.0f} B |",
@@ -387,6 +394,7 @@ def main() -> None:
                           ("transfer", lambda: transfer(bob, ws, tcp, rpc, results, sizes)),
                           ("training", lambda: training.run(results, args.quick)),
                           ("mycelya-torch", lambda: mycelya(results)),
+                          ("100 clients", lambda: results.__setitem__("load", load.run(url, worker.pid, 100))),
                           ("memory", lambda: memory(bob, worker.pid, results, move))):
             t0 = time.perf_counter()
             print(f"running {name} ...", file=sys.stderr, flush=True)

@@ -112,3 +112,16 @@ def test_a_dead_worker_fails_its_own_calls_and_not_the_others(pair):
         w.close()
     finally:
         doomed.stop()
+
+
+def test_device_indices_are_reused_after_close_past_torchs_limit(server):
+    from torchremote.device import MAX_DEVICES
+    for _ in range(MAX_DEVICES + 5):  # more connections than torch has device indices
+        with tr.connect(server.url) as w:
+            assert 0 <= w.device.index < MAX_DEVICES
+            assert (torch.ones(2).send(w) + 1).device == w.device
+    live = tr.connect(server.url)
+    try:
+        assert torch.zeros(2, device=live.device).worker is live
+    finally:
+        live.close()

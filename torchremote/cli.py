@@ -14,7 +14,8 @@ import torch
 
 from .errors import TorchRemoteError
 from .messages import DEFAULT_MAX_MESSAGE_BYTES
-from .server import start_worker
+from . import published_files
+from .server import describe_bytes, start_worker
 
 
 def _read_token(path: str | None) -> str | None:
@@ -36,15 +37,30 @@ def _worker(args: argparse.Namespace) -> int:
             return 1
         torch.set_num_threads(args.threads)
     try:
+        # every file is read whole before the worker starts: one bad file, and none is served
+        paths = list(args.publish or [])
+        for directory in args.data_dir or []:
+            paths += published_files.in_directory(directory)
+        files = [published_files.read(p) for p in paths]
         server = start_worker(args.id, args.host, args.port, token=_read_token(args.token_file),
                               device=args.device, insecure=args.insecure, verbose=args.verbose,
                               log_file=args.log_file, certfile=args.certfile, keyfile=args.keyfile,
-                              max_message_bytes=args.max_message_bytes,
+                              max_message_bytes=args.max_message_bytes, max_clients=args.max_clients,
                               max_client_bytes=args.max_client_bytes, allow_code=args.allow_code)
     except (TorchRemoteError, OSError, ValueError) as e:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
         return 1
+    try:
+        published = server.publish_files(files, args.tags or (), args.description)
+    except Exception as e:  # a device that cannot hold them, say: stop rather than serve half
+        server.stop()
+        print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
+        return 1
     print(server.url, flush=True)
+    print(f"torchremote: worker {server.id!r} at {server.url}; each client may hold up to "
+          f"{describe_bytes(server.max_client_bytes)} (--max-client-bytes)"
+          + (f"; published {len(published)} tensor(s) from {len(files)} file(s)" if files else ""),
+          file=sys.stderr, flush=True)
     server.serve_forever()
     return 0
 
@@ -75,7 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest message a client may send (default: %(default)s)")
     w.add_argument("--max-client-bytes", type=int, default=None,
-                   help="most tensor memory one client may hold on this worker (default: no limit)")
+                   help="most tensor memory one client may hold on this worker; 0 for no limit "
+                        "(default: half of this machine's memory)")
+    w.add_argument("--max-clients", type=int, default=None,
+                   help="most clients served at once; past it, new ones are refused (default: no limit)")
+    w.add_argument("--publish", action="append", metavar="FILE.safetensors",
+                   help="publish every tensor in this safetensors file under its name (repeatable)")
+    w.add_argument("--data-dir", action="append", metavar="DIR",
+                   help="publish every .safetensors file in DIR at start (repeatable)")
+    w.add_argument("--tags", nargs="+", metavar="T", help="tags added to every tensor published from files")
+    w.add_argument("--description", help="description of the tensors published from files "
+                                          "(default: the file's own metadata)")
     w.add_argument("--device", default="cpu", help="where the worker keeps tensors (default: cpu)")
     w.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads (default: torch's choice, one per core). On a machine "

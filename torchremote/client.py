@@ -70,7 +70,11 @@ class Worker:
         self._bars: dict[int, tuple[Any, list[int]]] = {}  # req_id -> (bar, [bytes shown])
         self._protocol.on_chunk = self._fetch_progress
         self.client_id: str = welcome.client_id
-        self.device: torch.device = devices.register(self)
+        try:
+            self.device: torch.device = devices.register(self)
+        except RuntimeError:
+            self._ws.close()
+            raise
         freeze_long_lived()
         self._connection = ClientConnection(self._ws, self.id, url)
         self._connection.start(on_message=self._on_message, flush=self._send_batch, has_queued=self._has_queued,

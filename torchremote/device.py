@@ -41,11 +41,22 @@ def _register_backend() -> None:
 _register_backend()
 
 
+MAX_DEVICES = 128  # torch keeps a device index in 8 bits
+
+
 def register(worker: "Worker") -> torch.device:
-    """Give a newly connected worker its device index."""
+    """Give a newly connected worker its device index: a new one, or one whose worker is closed or
+    gone (torch's device indices stop at 127, and a long session may connect many times)."""
     global _next_index
     with _lock:
-        index, _next_index = _next_index, _next_index + 1
+        if _next_index < MAX_DEVICES:
+            index, _next_index = _next_index, _next_index + 1
+        else:
+            free = [i for i, ref in _workers.items() if (w := ref()) is None or w.closed]
+            if not free:
+                raise RuntimeError(f"a process can be connected to at most {MAX_DEVICES} torchremote "
+                                   f"workers at once; close some (worker.close())")
+            index = min(free)
         _workers[index] = weakref.ref(worker)
     return torch.device(BACKEND, index)
 

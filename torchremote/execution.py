@@ -52,6 +52,7 @@ class Session:
         self.allow_code = allow_code
         self.held_bytes = 0  # memory behind this client's objects, each storage counted once
         self._storages: dict[int, list[int]] = {}  # storage -> [bytes, objects using it]
+        self._held_keys: dict[m.ClientRef, int] = {}  # object -> its storage, when accounted
         self._handlers: dict[type, Callable[[Any, list], None]] = {
             m.Put: self._put, m.Call: self._call, m.Fetch: self._fetch, m.Release: self._release,
             m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
@@ -77,6 +78,7 @@ class Session:
     def close(self) -> int:
         self._incoming.clear()
         self._storages.clear()
+        self._held_keys.clear()
         self.held_bytes = 0
         return self.store.close_namespace(self.client_id)
 
@@ -91,11 +93,12 @@ class Session:
     def _new_bytes(self, tensors: list[torch.Tensor]) -> int:
         seen, total = set(), 0
         for t in tensors:
-            key = storage_key(t)
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
             if key in self._storages or key in seen or key in self.store.published_storages:
                 continue
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            total += storage.nbytes()
         return total
 
     def _check_room(self, tensors: list[torch.Tensor], what: str) -> None:
@@ -113,21 +116,22 @@ class Session:
         self.objects[ref] = t
         if self.max_client_bytes is None:
             return  # no limit: nothing to account (a storage lookup per op saved)
-        key = storage_key(t)
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
         if key in self.store.published_storages:
             return
+        self._held_keys[ref] = key  # so that dropping it needs no storage lookup
         entry = self._storages.get(key)
         if entry is None:
-            entry = self._storages[key] = [t.untyped_storage().nbytes(), 0]
+            entry = self._storages[key] = [storage.nbytes(), 0]
             self.held_bytes += entry[0]
         entry[1] += 1
 
     def _drop(self, ref: m.ClientRef) -> None:
-        t = self.objects.pop(ref, None)
-        if t is None or self.max_client_bytes is None:
+        if self.objects.pop(ref, None) is None or self.max_client_bytes is None:
             return
-        key = storage_key(t)
-        entry = self._storages.get(key)
+        key = self._held_keys.pop(ref, None)
+        entry = self._storages.get(key) if key is not None else None
         if entry is not None:
             entry[1] -= 1
             if entry[1] == 0:

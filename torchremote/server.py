@@ -7,6 +7,7 @@ release the GIL while they run.
 from __future__ import annotations
 
 import hmac
+import os
 import ipaddress
 import itertools
 import logging
@@ -20,6 +21,7 @@ import torch
 
 from ._gc import freeze_long_lived
 from . import messages as m
+from . import published_files
 from .errors import ProtocolError, WorkerPermissionError, to_info
 from .execution import Session
 from .protocol import ServerProtocol
@@ -46,7 +48,8 @@ class WorkerServer:
     def __init__(self, id: str = "worker", host: str = "127.0.0.1", port: int = 0, *,
                  token: str | None = None, device: str | torch.device = "cpu",
                  max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES,
-                 max_client_bytes: int | None = None, certfile: str | None = None,
+                 max_client_bytes: int | None = None, max_clients: int | None = None,
+                 certfile: str | None = None,
                  keyfile: str | None = None, allow_code: bool = False, insecure: bool = False,
                  verbose: bool = False, log_file: str | None = None) -> None:
         if token is None and not is_loopback(host) and not insecure:
@@ -62,7 +65,14 @@ class WorkerServer:
         self.device = torch.device(device)
         self._token = token.encode() if token is not None else None
         self.max_message_bytes = max_message_bytes
-        self.max_client_bytes = max_client_bytes
+        # None: the default, a share of this machine's memory; 0: no limit
+        self.max_client_bytes = (default_max_client_bytes() if max_client_bytes is None
+                                 else max_client_bytes or None)
+        if max_clients is not None and max_clients < 1:
+            raise ValueError("--max-clients must be at least 1")
+        self.max_clients = max_clients
+        self._sessions = 0
+        self._sessions_lock = threading.Lock()
         tls = None
         if certfile:
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -78,7 +88,8 @@ class WorkerServer:
         self._listener = Listener(host, port, self._handle, tls=tls, max_size=max_message_bytes, name=id)
         self.host = host
         self.port: int = self._listener.port
-        self.log.info("worker %r listening on %s", id, self.url)
+        self.log.info("worker %r listening on %s; each client may hold up to %s", id, self.url,
+                      describe_bytes(self.max_client_bytes))
 
     @property
     def url(self) -> str:
@@ -95,6 +106,25 @@ class WorkerServer:
         ref = self.store.publish(tensor.detach().to(self.device), tuple(tags), description, allow_get)
         self.log.info("published %s %s %s", object_id(ref), tuple(tensor.shape), list(tags))
         return object_id(ref)
+
+    def publish_file(self, path: str, tags: Iterable[str] = (), description: str | None = None,
+                     allow_get: bool = True) -> dict[str, str]:
+        """Publish every tensor in a safetensors file under its name (its first tag), with `tags`
+        and the file's own metadata tags; returns name -> object id. Nothing is published from a
+        file that cannot be read whole (`PublishFileError`, naming it)."""
+        return self.publish_files([published_files.read(path)], tags, description, allow_get)
+
+    def publish_files(self, files: list[published_files.TensorFile], tags: Iterable[str] = (),
+                      description: str | None = None, allow_get: bool = True) -> dict[str, str]:
+        """Publish files already read (`published_files.read`): what `publish_file` does after reading."""
+        if isinstance(tags, str):
+            tags = (tags,)
+        ids = {}
+        for f in files:
+            for name, tensor in f.tensors.items():
+                ids[name] = self.publish(tensor, (name, *tags, *f.tags),
+                                         f.description if description is None else description, allow_get)
+        return ids
 
     def objects(self) -> ObjectTable:
         """The whole registry: published data and every connected client's objects."""
@@ -148,6 +178,28 @@ class WorkerServer:
             return
         except ConnectionClosed:
             return
+        if not self._admit():
+            error = WorkerPermissionError(
+                f"worker {self.id!r} serves at most {self.max_clients} clients at once (--max-clients); "
+                f"try again when one has disconnected")
+            self.log.warning("%s refused: %s", peer, error)
+            _try_send(conn, protocol.refuse(error))
+            return
+        try:
+            self._serve_session(conn, protocol, hello)
+        finally:
+            with self._sessions_lock:
+                self._sessions -= 1
+
+    def _admit(self) -> bool:
+        with self._sessions_lock:
+            if self.max_clients is not None and self._sessions >= self.max_clients:
+                return False
+            self._sessions += 1
+            return True
+
+    def _serve_session(self, conn: ServedConnection, protocol: ServerProtocol, hello: m.Hello) -> None:
+        peer = conn.peer
         client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
                           max_client_bytes=self.max_client_bytes, allow_code=self.allow_code)
@@ -181,6 +233,19 @@ class _ChunkPlacement:
     def destination(self, head: bytes, remaining: int) -> torch.Tensor | None:
         chunk = wire.chunk_in(head, remaining)
         return self.session.chunk_slot(chunk.id, chunk.offset, remaining) if chunk is not None else None
+
+
+def describe_bytes(n: int | None) -> str:
+    return "any amount (no limit)" if n is None else f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n} bytes"
+
+
+def default_max_client_bytes() -> int:
+    """The memory one client may hold unless the owner says otherwise: half of this machine's
+    physical memory, so that no single client can exhaust it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # not POSIX: a fixed 8 GiB
+        return 8 << 30
 
 
 def _encode_replies(protocol: ServerProtocol, replies: list) -> list:

@@ -83,7 +83,8 @@ class WebSocket:
         self.sock = sock
         self.protocol = protocol
         self.is_client = isinstance(protocol, ClientProtocol)
-        self.max_size = protocol.max_message_size
+        # websockets 16+ names it max_message_size; 14-15, max_size
+        self.max_size = getattr(protocol, "max_message_size", getattr(protocol, "max_size", None))
         self._buf = bytearray(buffered)   # bytes read but not yet parsed
         self._send_lock = threading.Lock()    # one frame on the socket at a time
         self._state_lock = threading.Lock()   # the sans-I/O object's state
