@@ -7,10 +7,10 @@ release the GIL while they run.
 from __future__ import annotations
 
 import hmac
-import os
 import ipaddress
 import itertools
 import logging
+import os
 import re
 import signal
 import ssl
