@@ -223,3 +223,26 @@ def test_a_standard_websocket_client_can_talk_to_a_worker(server):
         ws.send(b"".join(proto.data_to_send()))
         (reply,) = proto.receive_data(ws.recv(timeout=5))
         assert reply.value.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_threads_sharing_one_worker_each_get_their_own_replies(server):
+    """One thread reads the socket for all; the others are handed their replies and lead in turn."""
+    with tr.connect(server.url) as w:
+        xs = [torch.full((4,), float(i)).send(w) for i in range(8)]
+        errors = []
+
+        def run(i: int) -> None:
+            try:
+                for k in range(100):
+                    assert (xs[i] + k).sum().item() == 4 * (i + k)
+                    if k % 25 == 0:
+                        assert w.search() is not None  # another kind of request, interleaved
+            except Exception as e:  # collected: an assert in a thread would not fail the test
+                errors.append((i, repr(e)))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == [] and not any(t.is_alive() for t in threads)

@@ -71,6 +71,7 @@ class ClientConnection:
         """The future's result; the calling thread reads the socket until it is set."""
         with self._count_lock:
             self._waiting += 1
+        following = False
         try:
             while not future.done():
                 if self._read_lock.acquire(blocking=False):
@@ -82,21 +83,20 @@ class ClientConnection:
                         with self._turn:
                             self._turn.notify_all()
                 else:
-                    self._follow(future)
+                    if not following:  # wake when the reader delivers this reply
+                        future.add_done_callback(self._wake_followers)
+                        following = True
+                    with self._turn:  # ...or stops reading, and this thread may lead
+                        while not future.done() and self._read_lock.locked():
+                            self._turn.wait(TICK_S)
         finally:
             with self._count_lock:
                 self._waiting -= 1
         return future.result()
 
-    def _follow(self, future: Future) -> None:
-        """Another thread reads: sleep until it delivers this reply or stops reading."""
-        def wake(_: Future) -> None:
-            with self._turn:
-                self._turn.notify_all()
-        future.add_done_callback(wake)
+    def _wake_followers(self, _: Future) -> None:
         with self._turn:
-            while not future.done() and self._read_lock.locked():
-                self._turn.wait(TICK_S)
+            self._turn.notify_all()
 
     def _read(self, timeout: float) -> None:
         """Read and handle one message; when none comes within `timeout`, tend the keepalive.
