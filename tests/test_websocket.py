@@ -246,3 +246,22 @@ def test_threads_sharing_one_worker_each_get_their_own_replies(server):
         for t in threads:
             t.join(timeout=60)
         assert errors == [] and not any(t.is_alive() for t in threads)
+
+
+def test_a_long_op_is_not_taken_for_a_dead_worker(monkeypatch):
+    """With pings after 0.1 s of quiet and 0.1 s to answer them, one op several times as long on the
+    worker still completes: the worker's heartbeats keep its waiting client from declaring it dead."""
+    from torchremote import client_connection, websocket
+    monkeypatch.setattr(websocket, "PING_INTERVAL_S", 0.1)
+    monkeypatch.setattr(websocket, "PING_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(client_connection, "TICK_S", 0.02)
+    worker = tr.start_worker(id="slow")
+    try:
+        with tr.connect(worker.url) as w:
+            a = torch.randn(1000, 1000).send(w)
+            t0 = time.monotonic()
+            torch.matrix_power(a, 2**62).sum().item()  # 62 squarings in one op
+            assert time.monotonic() - t0 > 0.25  # longer than a silent worker would be given
+            assert not w.closed and (torch.ones(2).send(w) * 2).sum().item() == 4.0
+    finally:
+        worker.stop()

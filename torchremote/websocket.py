@@ -156,8 +156,11 @@ class WebSocket:
         self._write(writes)
         self.last_sent = time.monotonic()
 
-    def keepalive(self, interval: float = PING_INTERVAL_S, timeout: float = PING_TIMEOUT_S) -> None:
-        """Ping a peer quiet for `interval`; `ConnectionClosed` once a ping is unanswered for `timeout`."""
+    def keepalive(self, interval: float | None = None, timeout: float | None = None) -> None:
+        """Ping a peer quiet for `interval`; `ConnectionClosed` once a ping is unanswered for `timeout`
+        (defaults: PING_INTERVAL_S and PING_TIMEOUT_S, read at each call)."""
+        interval = PING_INTERVAL_S if interval is None else interval
+        timeout = PING_TIMEOUT_S if timeout is None else timeout
         now = time.monotonic()
         if self._ping_sent is not None:
             if self.last_received >= self._ping_sent:

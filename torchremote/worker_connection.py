@@ -13,10 +13,10 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from .websocket import PING_INTERVAL_S, ConnectionClosed, Placement, WebSocket, accept_server
+from . import websocket
+from .websocket import ConnectionClosed, Placement, WebSocket, accept_server
 
 ACCEPT_POLL_S = 0.2      # how often the accepting thread looks whether the worker stops
-HEARTBEAT_S = PING_INTERVAL_S / 2   # a busy connection tells its client it is alive this often
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -33,7 +33,7 @@ class ServedConnection:
         client is pinged meanwhile, and dropped when it stops answering."""
         while True:
             self.busy_since = None
-            message = self.ws.receive(PING_INTERVAL_S / 4, placement)
+            message = self.ws.receive(websocket.PING_INTERVAL_S / 4, placement)
             if message is None:
                 self.ws.keepalive()
                 continue
@@ -63,6 +63,7 @@ class Listener:
         self.socket.settimeout(ACCEPT_POLL_S)
         self.port: int = self.socket.getsockname()[1]
         self._connections: set[ServedConnection] = set()
+        self._threads: set[threading.Thread] = set()  # one per connection, handshake included
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._accepting = threading.Thread(target=self._accept_loop, name=f"torchremote-accept-{name}", daemon=True)
@@ -71,15 +72,20 @@ class Listener:
         self._accepting.start()
         self._heartbeat.start()
 
-    def stop(self) -> None:
-        """Stop accepting and close every connection (their threads then free their clients)."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every connection, and wait (up to `timeout`) for their threads to
+        free their clients: a process that exits while one of them is still inside torch aborts."""
+        deadline = time.monotonic() + timeout
         self._stopped.set()
-        self._accepting.join(timeout=5)
+        self._accepting.join(timeout=timeout)
         self.socket.close()
         with self._lock:
             connections = list(self._connections)
+            threads = list(self._threads)
         for conn in connections:
             conn.close()
+        for thread in [*threads, self._heartbeat]:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _accept_loop(self) -> None:
         while not self._stopped.is_set():
@@ -93,10 +99,20 @@ class Listener:
                 time.sleep(ACCEPT_POLL_S)  # out of file descriptors, say: try again shortly
                 continue
             peer = f"{address[0]}:{address[1]}"
-            threading.Thread(target=self._run, args=(sock, peer), name=f"torchremote-conn-{peer}",
-                             daemon=True).start()
+            thread = threading.Thread(target=self._run, args=(sock, peer), name=f"torchremote-conn-{peer}",
+                                      daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
 
     def _run(self, sock: socket.socket, peer: str) -> None:
+        try:
+            self._serve_socket(sock, peer)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _serve_socket(self, sock: socket.socket, peer: str) -> None:
         """The handshakes (TLS, HTTP upgrade) on this connection's own thread: a slow or hostile
         peer never holds up the accepting thread."""
         try:
@@ -121,17 +137,22 @@ class Listener:
             conn.close()
 
     def _heartbeat_loop(self) -> None:
-        while not self._stopped.wait(1.0):
-            now = time.monotonic()
+        while not self._stopped.wait(min(1.0, heartbeat_s() / 2)):
+            now, every = time.monotonic(), heartbeat_s()
             with self._lock:
                 busy = [c for c in self._connections
-                        if c.busy_since is not None and now - c.busy_since > HEARTBEAT_S
-                        and now - c.ws.last_sent > HEARTBEAT_S]
+                        if c.busy_since is not None and now - c.busy_since > every
+                        and now - c.ws.last_sent > every]
             for conn in busy:
                 try:
                     conn.ws.heartbeat()
                 except ConnectionClosed:
                     pass
+
+
+def heartbeat_s() -> float:
+    """How often a busy connection tells its client it is alive: twice per ping interval."""
+    return websocket.PING_INTERVAL_S / 2
 
 
 def _close_quietly(sock: socket.socket) -> None:
