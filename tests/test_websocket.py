@@ -95,11 +95,11 @@ def test_a_large_message_is_read_into_the_destination_the_placement_picks():
         def destination(self, head, remaining):
             chunk = wire.chunk_in(head, remaining)
             assert (chunk.id, chunk.offset, remaining) == (7, 0, 5 * MiB)
-            return destination
+            return destination, chunk
 
     threading.Thread(target=client.send, args=(frame,)).start()
     placed = server.receive(5, Into())
-    assert isinstance(placed, Placed) and placed.tensor is destination
+    assert isinstance(placed, Placed) and placed.tensor is destination and placed.message.id == 7
     assert torch.equal(destination, tensor)  # unmasked in place
 
 
@@ -195,20 +195,20 @@ def test_unmasking_in_place_matches_websockets(n, start):
 
 
 def test_large_gets_and_sends_go_straight_into_their_buffers(server, monkeypatch):
-    from torchremote.protocol import ClientProtocol as TorchremoteClient
+    from torchremote.protocol import ChunkPlacement
     placed = []
-    destination = TorchremoteClient.destination
+    destination = ChunkPlacement.destination
 
     def spy(self, head, remaining):
         target = destination(self, head, remaining)
         placed.append(target is not None)
         return target
 
-    monkeypatch.setattr(TorchremoteClient, "destination", spy)
+    monkeypatch.setattr(ChunkPlacement, "destination", spy)
     t = torch.randn(3 * 1024 * 1024 + 100_000)  # three full 4 MiB chunks and a 400 kB one
     with tr.connect(server.url) as w:
         back = t.send(w).get()
-    assert torch.equal(back, t) and placed == [True] * 4
+    assert torch.equal(back, t) and placed == [True] * 8  # four chunks each way, on both sides
 
 
 def test_a_standard_websocket_client_can_talk_to_a_worker(server):

@@ -78,7 +78,7 @@ class Worker:
         freeze_long_lived()
         self._connection = ClientConnection(self._ws, self.id, url)
         self._connection.start(on_message=self._on_message, flush=self._send_batch, has_queued=self._has_queued,
-                               on_lost=self._shutdown, placement=self._protocol)
+                               on_lost=self._shutdown, placement=self._protocol.placement)
 
     # --- public API ---
     def search(self, *tags: str) -> list[RemoteTensor]:

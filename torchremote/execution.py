@@ -177,10 +177,10 @@ class Session:
         except Exception as e:
             self._send_failed(cmd.op_id, e, out)
 
-    def chunk_slot(self, send_id: int, offset: int, nbytes: int) -> torch.Tensor | None:
-        """Where the bytes of the next chunk of a large send go, read straight off the socket."""
+    def assembly(self, send_id: int) -> wire.Assembly | None:
+        """The tensor a large send is filling, for its chunks to be read straight into."""
         entry = self._incoming.get(send_id)
-        return entry[0].slot(offset, nbytes) if entry is not None else None
+        return entry[0] if entry is not None else None
 
     def _chunk(self, cmd: m.Chunk, out: list) -> None:
         entry = self._incoming.get(cmd.id)

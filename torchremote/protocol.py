@@ -41,6 +41,7 @@ class ClientProtocol:
         self._releases: collections.deque[tuple[int, m.ClientRef]] = collections.deque()
         self.welcome: m.Welcome | None = None
         self._incoming: dict[int, wire.Assembly] = {}
+        self.placement = ChunkPlacement(self._incoming.get)  # large replies, straight into place
         # called as on_chunk(req_id, received, total) while a large reply arrives
         self.on_chunk: Callable[[int, int, int], None] | None = None
 
@@ -152,15 +153,6 @@ class ClientProtocol:
         """The frame for taken items (needs no lock: it touches no session state)."""
         return wire.encode(items)
 
-    # --- where the bytes of a large reply go (`websocket.Placement`) ---
-    head_length = staticmethod(wire.head_length)
-
-    def destination(self, head: bytes, remaining: int) -> torch.Tensor | None:
-        """A chunk of an announced reply goes straight into its tensor's buffer."""
-        chunk = wire.chunk_in(head, remaining)
-        assembly = self._incoming.get(chunk.id) if chunk is not None else None
-        return assembly.slot(chunk.offset, remaining) if assembly is not None else None
-
     def receive_data(self, data: bytes | Placed) -> list:
         """The replies and failures in a message; a chunked tensor is returned once complete."""
         events = []
@@ -184,12 +176,24 @@ class ClientProtocol:
         return events
 
 
+class ChunkPlacement:
+    """Where a chunk of a large tensor goes (`websocket.Placement`): straight into the buffer of
+    its assembly, when `assembly_of(id)` has one and it is the next chunk. Either side uses it."""
+    head_length = staticmethod(wire.head_length)
+
+    def __init__(self, assembly_of: Callable[[int], wire.Assembly | None]) -> None:
+        self._assembly_of = assembly_of
+
+    def destination(self, head: bytes, remaining: int) -> tuple[torch.Tensor, m.Chunk] | None:
+        chunk = wire.chunk_in(head, remaining)
+        assembly = self._assembly_of(chunk.id) if chunk is not None else None
+        slot = assembly.slot(chunk.offset, remaining) if assembly is not None else None
+        return None if slot is None else (slot, m.Chunk(chunk.id, chunk.offset, slot))
+
+
 def decode(data: bytes | Placed) -> list:
     """A message's items; a placed one is the chunk whose bytes are already where they belong."""
-    if isinstance(data, Placed):
-        chunk = wire.chunk_in(data.head, data.tensor.numel())
-        return [m.Chunk(chunk.id, chunk.offset, data.tensor)]
-    return wire.decode(data)
+    return [data.message] if isinstance(data, Placed) else wire.decode(data)
 
 
 class ServerProtocol:

@@ -34,15 +34,13 @@ class TensorFile:
 
 def read(path: str) -> TensorFile:
     """Every tensor in a safetensors file, with the tags and description its metadata gives."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     if not os.path.isfile(path):
         raise PublishFileError(f"cannot publish {path}: no such file")
     try:
-        with safe_open(path, "pt") as f:
+        with safe_open(path, "pt") as f:  # one pass: the metadata and every tensor
             metadata = f.metadata() or {}
-        tensors = load_file(path)
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PublishFileError(f"cannot publish {path}: not a readable safetensors file ({e})") from None
     tags = tuple(t.strip() for t in metadata.get("tags", "").split(",") if t.strip())

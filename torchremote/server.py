@@ -24,7 +24,7 @@ from . import messages as m
 from . import published_files
 from .errors import ProtocolError, WorkerPermissionError, to_info
 from .execution import Session
-from .protocol import ServerProtocol
+from .protocol import ChunkPlacement, ServerProtocol
 from .store import ObjectStore, ObjectTable, object_id
 from .websocket import ConnectionClosed
 from .worker_connection import Listener, ServedConnection
@@ -206,7 +206,7 @@ class WorkerServer:
         self.log.info("%s connected as %s", peer, client_id)
         try:
             conn.send(protocol.welcome(self.id, client_id, self.max_message_bytes))
-            for data in conn.messages(_ChunkPlacement(session)):
+            for data in conn.messages(ChunkPlacement(session.assembly)):
                 try:
                     replies = session.run(protocol.receive_data(data))
                 except ProtocolError as e:
@@ -221,18 +221,6 @@ class WorkerServer:
         finally:
             freed = session.close()
             self.log.info("%s %s disconnected; freed %d object(s)", peer, client_id, freed)
-
-
-class _ChunkPlacement:
-    """The bytes of a chunk of a large send go straight into the tensor being assembled."""
-    head_length = staticmethod(wire.head_length)
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def destination(self, head: bytes, remaining: int) -> torch.Tensor | None:
-        chunk = wire.chunk_in(head, remaining)
-        return self.session.chunk_slot(chunk.id, chunk.offset, remaining) if chunk is not None else None
 
 
 def describe_bytes(n: int | None) -> str:

@@ -38,7 +38,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from .wire import bytes_of
+from .wire import PREFIX_BYTES, bytes_of
 
 DIRECT_BYTES = 256 << 10     # binary frames this large are read straight to their destination
 JOIN_BYTES = 64 << 10        # smaller messages go out as one buffer (one write), larger unjoined
@@ -60,19 +60,21 @@ class ConnectionClosed(Exception):
 
 @dataclass
 class Placed:
-    """A message whose bytes after `head` were read straight into `tensor` (uint8, exactly that long)."""
-    head: bytes
+    """A message whose bytes after its head were read straight into `tensor`; `message` is what the
+    placement said the whole message means."""
     tensor: torch.Tensor
+    message: Any
 
 
 class Placement(Protocol):
     """Where the payload of a large message goes, decided from its first bytes."""
 
     def head_length(self, prefix: memoryview) -> int | None:
-        """How many bytes of the message to read before choosing (`prefix` is the first 12)."""
+        """How many bytes of the message to read before choosing (`prefix`: the first PREFIX_BYTES)."""
 
-    def destination(self, head: bytes, remaining: int) -> torch.Tensor | None:
-        """A uint8 tensor of exactly `remaining` bytes to read the rest into, or None."""
+    def destination(self, head: bytes, remaining: int) -> tuple[torch.Tensor, Any] | None:
+        """A uint8 tensor of exactly `remaining` bytes to read the rest into, and what the message
+        means once it is there; or None."""
 
 
 class WebSocket:
@@ -186,7 +188,7 @@ class WebSocket:
             pass
         finally:
             self.closed = self.closed or "closed"
-            _close_socket(self.sock)
+            close_socket(self.sock)
 
     # --- receiving ---
     def readable(self, timeout: float) -> bool:
@@ -278,38 +280,33 @@ class WebSocket:
                 code = close.code if close is not None else CloseCode.NO_STATUS_RCVD
                 why = f" ({close.reason})" if close is not None and close.reason else ""
                 self.closed = f"closed by the peer (code {int(code)}{why})"
-                _close_socket(self.sock)
+                close_socket(self.sock)
                 raise ConnectionClosed(self.closed)
         return message
 
     def _read_large(self, size: int, mask: bytes | None, placement: Placement | None
                     ) -> bytearray | Placed:
-        """A whole binary message in one large frame, its payload read where the placement says."""
-        head_len = None
-        if placement is not None and size >= 12:
-            prefix = self._read_exact(12, mask, 0)
-            head_len = placement.head_length(memoryview(prefix))
-            if head_len is not None and 12 <= head_len <= min(size, MAX_HEAD_BYTES):
-                head = bytes(prefix) + bytes(self._read_exact(head_len - 12, mask, 12))
-                target = placement.destination(head, size - head_len)
-                if target is not None:
-                    self._read_into(bytes_of(target), mask, head_len)
-                    return Placed(head, target)
-                rest = bytearray(size)
-                rest[:head_len] = head
-                self._read_into(memoryview(rest)[head_len:], mask, head_len)
-                return rest
-            rest = bytearray(size)
-            rest[:12] = prefix
-            self._read_into(memoryview(rest)[12:], mask, 12)
-            return rest
-        payload = bytearray(size)
-        self._read_into(memoryview(payload), mask, 0)
-        return payload
+        """A whole binary message in one large frame, its payload read where the placement says
+        (or into a buffer of its own)."""
+        if placement is None or size < PREFIX_BYTES:
+            return self._read_rest(b"", size, mask)
+        head = self._read_rest(b"", PREFIX_BYTES, mask)
+        head_len = placement.head_length(memoryview(head))
+        if head_len is None or not PREFIX_BYTES <= head_len <= min(size, MAX_HEAD_BYTES):
+            return self._read_rest(head, size, mask)
+        head = self._read_rest(head, head_len, mask)
+        placed = placement.destination(bytes(head), size - head_len)
+        if placed is None:
+            return self._read_rest(head, size, mask)
+        target, message = placed
+        self._read_into(bytes_of(target), mask, head_len)
+        return Placed(target, message)
 
-    def _read_exact(self, n: int, mask: bytes | None, phase: int) -> bytearray:
-        out = bytearray(n)
-        self._read_into(memoryview(out), mask, phase)
+    def _read_rest(self, start: bytearray | bytes, size: int, mask: bytes | None) -> bytearray:
+        """The first `size` bytes of the payload, of which `start` was read already."""
+        out = bytearray(size)
+        out[:len(start)] = start
+        self._read_into(memoryview(out)[len(start):], mask, len(start))
         return out
 
     def _read_into(self, view: memoryview, mask: bytes | None, phase: int) -> None:
@@ -365,7 +362,7 @@ class WebSocket:
     def _lost(self, why: str) -> ConnectionClosed:
         if self.closed is None:
             self.closed = why
-            _close_socket(self.sock)
+            close_socket(self.sock)
         return ConnectionClosed(self.closed)
 
 
@@ -428,7 +425,8 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _close_socket(sock: socket.socket) -> None:
+def close_socket(sock: socket.socket) -> None:
+    """Shut a socket down and close it, whatever state it is in."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -501,7 +499,7 @@ def open_client(url: str, *, timeout: float, ssl: ssl_module.SSLContext | None, 
             raise InvalidHandshake("the server did not accept the websocket upgrade")
         return WebSocket(sock, protocol, rest, stall_s=stall_s)
     except BaseException:
-        _close_socket(sock)
+        close_socket(sock)
         raise
 
 
@@ -529,5 +527,5 @@ def accept_server(sock: socket.socket, *, timeout: float, max_size: int | None,
             raise protocol.handshake_exc
         return WebSocket(sock, protocol, rest, stall_s=stall_s)
     except BaseException:
-        _close_socket(sock)
+        close_socket(sock)
         raise

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from . import websocket
-from .websocket import ConnectionClosed, Placement, WebSocket, accept_server
+from .websocket import ConnectionClosed, Placement, WebSocket, accept_server, close_socket
 
 ACCEPT_POLL_S = 0.2      # how often the accepting thread looks whether the worker stops
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -121,7 +121,7 @@ class Listener:
             sock.settimeout(None)
             ws = accept_server(sock, timeout=HANDSHAKE_TIMEOUT_S, max_size=self._max_size)
         except Exception:  # not a websocket client, a TLS failure, a timeout: nothing to serve
-            _close_quietly(sock)
+            close_socket(sock)
             return
         conn = ServedConnection(ws, peer)
         with self._lock:
@@ -153,10 +153,3 @@ class Listener:
 def heartbeat_s() -> float:
     """How often a busy connection tells its client it is alive: twice per ping interval."""
     return websocket.PING_INTERVAL_S / 2
-
-
-def _close_quietly(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
