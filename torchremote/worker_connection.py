@@ -13,11 +13,11 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from . import messages as m
 from . import websocket
 from .websocket import ConnectionClosed, Placement, WebSocket, accept_server, close_socket
 
 ACCEPT_POLL_S = 0.2      # how often the accepting thread looks whether the worker stops
-HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class ServedConnection:
@@ -119,7 +119,7 @@ class Listener:
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             sock.settimeout(None)
-            ws = accept_server(sock, timeout=HANDSHAKE_TIMEOUT_S, max_size=self._max_size)
+            ws = accept_server(sock, timeout=m.HANDSHAKE_TIMEOUT_S, max_size=self._max_size)
         except Exception:  # not a websocket client, a TLS failure, a timeout: nothing to serve
             close_socket(sock)
             return
