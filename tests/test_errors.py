@@ -146,12 +146,13 @@ def test_garbage_frames_get_an_error_and_the_worker_keeps_serving(server):
         ws.send(b"".join(proto.hello()))
         proto.receive_welcome(ws.recv(timeout=5))
         ws.send(b"\x00garbage\xff" * 10)
-        (failure,) = proto.receive_data(ws.recv(timeout=5))
+        ack, failure = proto.receive_data(ws.recv(timeout=5))
+        assert ack == m.Ack(1)  # every reply says how many of the client's frames ran
         assert isinstance(failure, m.Failure) and failure.error.type == "torchremote.ProtocolError"
         ws.send(b"".join(proto.data_to_send() or []) or b"".join(
             __import__("torchremote.wire", fromlist=["x"]).encode([m.Sync(99)])))
-        (reply,) = proto.receive_data(ws.recv(timeout=5))
-        assert reply == m.Reply(99, None)
+        ack, reply = proto.receive_data(ws.recv(timeout=5))
+        assert (ack, reply) == (m.Ack(2), m.Reply(99, None))
     with tr.connect(server.url) as other:
         assert (torch.ones(2).send(other) * 2).sum().item() == 4.0
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import torch
 
@@ -77,18 +78,38 @@ def test_close_frees_everything_the_client_created(fresh_server):
     del keep  # pointers of a closed connection die quietly
 
 
-def test_a_client_that_dies_abruptly_has_its_objects_freed(fresh_server):
+def run_client(url: str, ending: str) -> None:
+    """A client process that sends 10 tensors and ends with `ending`."""
     script = textwrap.dedent(f"""
         import os, torch, torchremote as tr
-        bob = tr.connect({fresh_server.url!r})
+        bob = tr.connect({url!r})
         xs = [torch.ones(100).send(bob) for _ in range(10)]
         bob.sync()
         print("ready", flush=True)
-        os._exit(0)  # no close(), no goodbye
+        {ending}
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     proc.wait(timeout=30)
     proc.stdout.close(), proc.stderr.close()
+
+
+def test_a_client_that_dies_abruptly_has_its_objects_freed_after_the_grace_period():
+    server = tr.start_worker(id="fresh", resume_grace=1.0)
+    try:
+        run_client(server.url, "os._exit(0)  # no close(), no goodbye")
+        died = time.monotonic()
+        assert len(client_objects(server)) == 10  # kept: a dropped connection may come back
+        assert wait_until(lambda: client_objects(server) == [], timeout=10)
+        assert time.monotonic() - died >= 0.9  # ... for the grace period, then freed
+    finally:
+        server.stop()
+
+
+def test_a_client_process_that_exits_without_close_frees_at_once(fresh_server):
+    assert fresh_server.resume_grace == 60
+    started = time.monotonic()
+    run_client(fresh_server.url, "pass  # the interpreter exits normally; close() was never called")
     assert wait_until(lambda: client_objects(fresh_server) == [], timeout=10)
+    assert time.monotonic() - started < 30

@@ -7,9 +7,11 @@ writes when; `websocket.py` how bytes move).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import ssl as ssl_module
 import threading
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -20,7 +22,7 @@ from . import remote_code
 from . import messages as m
 from ._gc import freeze_long_lived
 from .client_connection import ClientConnection, open_connection, send_chunks
-from .websocket import ConnectionClosed
+from .websocket import WebSocket, open_client
 from .ops import SET_GRADS_NONE
 from .errors import TorchRemoteError, WorkerConnectionError, WorkerPermissionError, from_info
 from .progress import transfer_bar
@@ -32,6 +34,20 @@ from . import wire
 
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
 FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
+WAIT_FOR_ACK_BYTES = 1 << 20  # a put this large waits for the worker to have it, instead of a copy
+
+_open_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_workers() -> None:
+    """At exit, close what is still open: each worker frees this client's objects at once, instead
+    of keeping them for a resume that will not come."""
+    for worker in list(_open_workers):
+        try:
+            worker.close()
+        except Exception:
+            pass
 
 
 class Worker:
@@ -45,24 +61,17 @@ class Worker:
         token = token if token is not None else os.environ.get("TORCHREMOTE_TOKEN")
         self._protocol = ClientProtocol(name or f"client-{os.getpid()}", token)
         self._lock = threading.RLock()        # the protocol's state: held only to queue or take
-        self._send_lock = threading.Lock()    # one frame on the socket at a time, in the order taken
         self._grads_to_reset: list[RemoteTensor] = []  # `p.grad = None`, sent as one op before the next
         self._pending: dict[int, Future] = {}
         self._deferred: list[m.Failure] = []
         self._closed: WorkerConnectionError | None = None
-        self._ws = open_connection(url, timeout=timeout, retry_for=retry_for, ssl=ssl,
-                                   max_size=max_message_bytes)
+        self._open = lambda: open_client(url, timeout=timeout, ssl=ssl, max_size=max_message_bytes)
+        ws = open_connection(url, timeout=timeout, retry_for=retry_for, ssl=ssl, max_size=max_message_bytes)
         try:
-            send_chunks(self._ws, self._protocol.hello())
-            reply = self._ws.receive(timeout=m.HANDSHAKE_TIMEOUT_S)
-            if reply is None:
-                raise TimeoutError(f"no answer within {m.HANDSHAKE_TIMEOUT_S:g} s")
-            welcome = self._protocol.receive_welcome(reply)
+            welcome = self._handshake(ws)
         except TorchRemoteError:
-            self._ws.close()
             raise
         except Exception as e:
-            self._ws.close()
             raise WorkerConnectionError(f"handshake with {url} failed: {e}") from e
         self.id: str = welcome.worker_id
         self.max_message_bytes: int = welcome.max_message_bytes
@@ -70,15 +79,35 @@ class Worker:
         self._bars: dict[int, tuple[Any, list[int]]] = {}  # req_id -> (bar, [bytes shown])
         self._protocol.on_chunk = self._fetch_progress
         self.client_id: str = welcome.client_id
+        self._resume_token = welcome.resume_token
         try:
             self.device: torch.device = devices.register(self)
         except RuntimeError:
-            self._ws.close()
+            ws.close()
             raise
         freeze_long_lived()
-        self._connection = ClientConnection(self._ws, self.id, url)
+        self._connection = ClientConnection(ws, self.id, url, grace_s=welcome.resume_grace_s,
+                                            reconnect=self._reopen if welcome.resume_token else None)
         self._connection.start(on_message=self._on_message, flush=self._send_batch, has_queued=self._has_queued,
                                on_lost=self._shutdown, placement=self._protocol.placement)
+        _open_workers.add(self)
+
+    def _handshake(self, ws: WebSocket, resume: str | None = None, received: int = 0) -> m.Welcome:
+        """Hello and Welcome on a new connection: a new session, or with `resume`, this one again."""
+        try:
+            send_chunks(ws, self._protocol.hello(resume, received))
+            reply = ws.receive(timeout=m.HANDSHAKE_TIMEOUT_S)
+            if reply is None:
+                raise TimeoutError(f"no answer within {m.HANDSHAKE_TIMEOUT_S:g} s")
+            return self._protocol.receive_welcome(reply)
+        except BaseException:
+            ws.close()
+            raise
+
+    def _reopen(self, received: int) -> tuple[WebSocket, int]:
+        """A new connection that has taken this session up again (`client_connection.Reconnect`)."""
+        ws = self._open()
+        return ws, self._handshake(ws, self._resume_token, received).received
 
     # --- public API ---
     def search(self, *tags: str) -> list[RemoteTensor]:
@@ -139,7 +168,7 @@ class Worker:
     def _put_many(self, tensors: list[torch.Tensor], device: str = "") -> list[RemoteTensor]:
         """Send tensors in as few frames as fit (a model's parameters: one frame, not one each).
         Their bytes have left when this returns, so no snapshot is copied: they may change after."""
-        out = []
+        out, small = [], 0
         for tensor in tensors:
             meta = wire.meta_after_transfer(tensor)
             nbytes = tensor.numel() * tensor.element_size()
@@ -149,11 +178,17 @@ class Worker:
                     self._check_open()
                     self._queue_grad_resets()
                     ref = self._protocol.put(tensor.detach(), tensor.requires_grad, device)
+                small += nbytes
             else:
                 self._check_open()
                 ref = self._put_chunked(tensor, device)
             out.append(RemoteTensor._wrap(meta, self, ref))
-        self._flush()
+        # a frame kept for a replay after a drop points into these tensors: a small one is copied,
+        # a large one is waited for (the caller may change the tensors once this returns)
+        wait = small >= WAIT_FOR_ACK_BYTES
+        frame = self._flush(caller_waits=wait)
+        if wait and frame is not None:
+            self._connection.wait_acknowledged(frame)
         return out
 
     def _put_chunked(self, tensor: torch.Tensor, device: str) -> m.ClientRef:
@@ -164,12 +199,15 @@ class Worker:
             ref = self._protocol.put_begin(header, tensor.requires_grad, device)
         self._flush()
         bar = transfer_bar(header.nbytes, f"send to {self.id}")
+        frame = None
         try:
             for offset, data in chunks:
                 with self._lock:
                     self._protocol.chunk(ref.op_id, offset, data)
-                self._flush()
+                frame = self._flush(caller_waits=True)
                 bar.update(data.numel())
+            if frame is not None:  # the kept chunks point into the tensor: the worker must have them
+                self._connection.wait_acknowledged(frame)
         finally:
             bar.close()
         return ref
@@ -287,24 +325,27 @@ class Worker:
         if self._closed is not None:
             raise WorkerConnectionError(str(self._closed))
 
-    def _flush(self) -> None:
-        """Send everything queued as one frame. The queue is taken under the state lock, which is
-        then let go: callers queueing ops never wait while this thread encodes and sends."""
+    def _flush(self, caller_waits: bool = False) -> int | None:
+        """Send everything queued as one frame; returns its number (None: nothing to send). The
+        queue is taken under the state lock, which is then let go: callers queueing ops never wait
+        while this thread encodes and sends. `caller_waits`: see `ClientConnection.send_locked`."""
+        connection = self._connection
         with self._lock:
             self._queue_grad_resets()
             items = self._protocol.take()
             if not items:
-                return
-            self._send_lock.acquire()  # taken in the order frames were taken: they leave in order
+                return None
+            ack = connection.take_ack()
+            if ack is not None:
+                items.insert(0, m.Ack(ack))
+            connection.send_lock.acquire()  # taken in the order frames were taken: they leave in order
         try:
-            chunks = self._protocol.encode(items)
-            send_chunks(self._ws, chunks)
-        except ConnectionClosed as e:
-            err = WorkerConnectionError(f"lost the connection to worker {self.id!r} at {self.url}: {e}")
-            self._shutdown(err)
-            raise err from e
+            return connection.send_locked(self._protocol.encode(items), caller_waits=caller_waits)
+        except WorkerConnectionError as e:
+            self._shutdown(e)
+            raise
         finally:
-            self._send_lock.release()
+            connection.send_lock.release()
 
     def _send_batch(self) -> None:
         """The pump's flush: an argument the wire cannot carry fails its batch, reported at the next
@@ -319,7 +360,10 @@ class Worker:
 
     def _on_message(self, message: Any) -> None:
         for item in self._protocol.receive_data(message):
-            self._deliver(item)
+            if type(item) is m.Ack:
+                self._connection.acknowledged(item.count)
+            else:
+                self._deliver(item)
 
     def _deliver(self, item: Any) -> None:
         key = item.req_id if item.req_id is not None else getattr(item, "op_id", None)

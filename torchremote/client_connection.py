@@ -7,23 +7,38 @@ No thread hands a reply to another on the way to the caller that waits for it:
   socket when no caller waits (answering the worker's pings, collecting failures of asynchronous ops)
   and pings a worker that has been quiet too long.
 
+A dropped connection is resumed here (`resume.py` says how): every frame sent is kept until the
+worker acknowledges it; the reader that finds the connection gone reconnects with back-off, for up
+to the worker's grace period, and sends again what the worker did not run. Callers see a pause
+and one warning line. Only readers resume (a sender whose write fails leaves its frame in the log
+and wakes one), so the count of frames received is never read while a reader changes it.
+
 No asyncio loop runs anywhere, so this works where one already runs (Jupyter).
 """
 from __future__ import annotations
 
+import logging
 import ssl as ssl_module
 import threading
 import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from .errors import WorkerConnectionError
-from .websocket import ConnectionClosed, Placement, WebSocket, open_client
+from .errors import SessionInUseError, TorchRemoteError, WorkerConnectionError
+from .resume import ReplayLog, frozen, payload_bytes
+from .websocket import ConnectionClosed, Placement, WebSocket, close_socket, open_client
+
+log = logging.getLogger("torchremote")
 
 TICK_S = 1.0                 # how long a reader blocks before looking at the keepalive clocks
 RELEASE_POLL_S = 0.05        # how often the idle pump looks for released pointers and input
 COALESCE_S = 0.0005          # while ops keep coming, the pump sends what gathered this often
 IDLE_POLLS = 20              # empty polls after which the pump sleeps until woken
+RECONNECT_DELAY_S = (0.05, 1.0)   # back-off between attempts to resume: first, most
+
+# reconnect(received) -> (websocket, frames of ours the worker has run): a new connection that has
+# taken up this session (raises what `open_client` and the handshake raise)
+Reconnect = Callable[[int], tuple[WebSocket, int]]
 
 
 def send_chunks(ws: WebSocket, chunks: list) -> None:
@@ -40,10 +55,21 @@ class ClientConnection:
     - `placement`: where the bytes of large replies go (`websocket.Placement`).
     """
 
-    def __init__(self, ws: WebSocket, name: str, url: str) -> None:
+    def __init__(self, ws: WebSocket, name: str, url: str, *, reconnect: Reconnect | None = None,
+                 grace_s: float = 0.0) -> None:
         self.ws = ws
         self.name = name
         self.url = url
+        self._reconnect = reconnect             # None: a drop ends the session
+        self._grace_s = grace_s
+        self.sent = ReplayLog()                 # our frames the worker has not acknowledged
+        self.received = 0                       # the worker's frames received, in this session
+        self._ack_sent = 0                      # the count we last told the worker
+        self._ack_waiters: list[tuple[int, Future]] = []
+        self._acked = 0                         # our frames the worker has acknowledged
+        self._ack_lock = threading.Lock()
+        self.send_lock = threading.Lock()       # one frame on the socket at a time, in number order
+        self._lost_error: WorkerConnectionError | None = None
         self._read_lock = threading.Lock()       # held by whichever thread reads the socket
         self._turn = threading.Condition()       # callers waiting for the reader to finish
         self._waiting = 0                        # callers waiting for a reply
@@ -65,6 +91,58 @@ class ClientConnection:
         """A caller queued an op: make sure a sleeping pump sends it soon."""
         if self.pump_idle:
             self._wake.set()
+
+    # --- sending, and what the worker acknowledges ---
+    def send_locked(self, chunks: list, *, caller_waits: bool = False) -> int:
+        """Send one frame, `send_lock` held; returns its number. The frame is kept for a replay,
+        copied if it points into tensors the caller may change once it returns (unless the caller
+        waits for the acknowledgement: `wait_acknowledged`). A failed write is not an error here:
+        the frame is kept, and the reader that finds the connection dropped resumes and resends it."""
+        if self._lost_error is not None:
+            raise WorkerConnectionError(str(self._lost_error))
+        if self._reconnect is not None and not caller_waits and payload_bytes(chunks):
+            chunks = frozen(chunks)
+        number = self.sent.add(chunks) if self._reconnect is not None else self.sent.sent
+        ws = self.ws
+        try:
+            ws.send(chunks)
+        except ConnectionClosed as e:
+            if self._reconnect is None:
+                self._lost(str(e))
+                raise WorkerConnectionError(str(self._lost_error)) from e
+            close_socket(ws.sock)  # a reader blocked on it returns, and resumes
+            self._wake.set()
+        return number
+
+    def take_ack(self) -> int | None:
+        """How many of the worker's frames we have, if the worker has not been told yet."""
+        if self._reconnect is None or self.received == self._ack_sent:
+            return None
+        self._ack_sent = self.received
+        return self._ack_sent
+
+    def acknowledged(self, count: int) -> None:
+        """The worker has run our first `count` frames."""
+        self.sent.acknowledge(count)
+        with self._ack_lock:
+            self._acked = max(self._acked, count)
+            done = [f for n, f in self._ack_waiters if n < count]
+            self._ack_waiters = [(n, f) for n, f in self._ack_waiters if n >= count]
+        for future in done:
+            future.set_result(None)
+
+    def wait_acknowledged(self, number: int) -> None:
+        """Wait until the worker has taken frame `number` (so it will never be sent again)."""
+        if self._reconnect is None:
+            return
+        future: Future = Future()
+        with self._ack_lock:
+            if self._acked > number:
+                return
+            if self._lost_error is not None:
+                raise WorkerConnectionError(str(self._lost_error))
+            self._ack_waiters.append((number, future))
+        self.wait(future)
 
     # --- waiting for a reply, reading the socket meanwhile ---
     def wait(self, future: Future) -> Any:
@@ -100,19 +178,83 @@ class ClientConnection:
 
     def _read(self, timeout: float) -> None:
         """Read and handle one message; when none comes within `timeout`, tend the keepalive.
-        A lost connection fails every waiter (through `on_lost`), this one included."""
+        A dropped connection is resumed here; one that cannot be fails every waiter (through
+        `on_lost`), this one included. The read lock is held."""
+        ws = self.ws
         try:
-            message = self.ws.receive(timeout, self._placement)
+            message = ws.receive(timeout, self._placement)
             if message is None:
-                self.ws.keepalive()
+                ws.keepalive()
                 return
         except ConnectionClosed as e:
-            self._lost(str(e))
+            self._resume(ws, str(e))
             return
+        self.received += 1
         self._on_message(message)
 
+    def _resume(self, dropped: WebSocket, why: str) -> None:
+        """Take the session up again on a new connection (read lock held): reconnect with back-off
+        until the worker's grace period ends, then send again the frames it has not run."""
+        if dropped is not self.ws or self._lost_error is not None:
+            return  # resumed already, or given up
+        if self._reconnect is None or self._stopping:
+            self._lost(why)
+            return
+        close_socket(dropped.sock)  # a sender blocked on it returns
+        started = time.monotonic()
+        deadline = started + self._grace_s
+        log.warning("torchremote: lost the connection to worker %r (%s); reconnecting for up to %g s",
+                    self.name, why, self._grace_s)
+        delay, most = RECONNECT_DELAY_S
+        last = ""
+        with self.send_lock:
+            while not self._stopping:
+                try:
+                    ws, processed = self._reconnect(self.received)
+                except SessionInUseError as e:  # the worker has not seen the old connection drop yet
+                    last = str(e)
+                except TorchRemoteError as e:  # the session is gone, or the worker refuses
+                    self._lost(f"{why}; resuming failed: {e}")
+                    return
+                except ConnectionRefusedError:  # the host is there and nothing listens: the worker is gone
+                    self._lost(f"{why}; nothing listens at {self.url} any more")
+                    return
+                except (OSError, TimeoutError, ConnectionClosed) as e:  # not reachable yet
+                    last = str(e) or type(e).__name__
+                else:
+                    try:
+                        self.acknowledged(processed)
+                        for frame in self.sent.since(processed):
+                            ws.send(frame)
+                    except ConnectionClosed:
+                        close_socket(ws.sock)
+                    except TorchRemoteError as e:
+                        close_socket(ws.sock)
+                        self._lost(f"{why}; resuming failed: {e}")
+                        return
+                    else:
+                        self.ws = ws
+                        log.info("torchremote: resumed the session with worker %r after %.2f s",
+                                 self.name, time.monotonic() - started)
+                        return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._lost(f"{why}; no resume within the worker's grace period of {self._grace_s:g} s "
+                               f"(last attempt: {last})")
+                    return
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, most)
+            self._lost(why)
+
     def _lost(self, why: str) -> None:
-        self._on_lost(WorkerConnectionError(f"lost the connection to worker {self.name!r} at {self.url}: {why}"))
+        error = WorkerConnectionError(f"lost the connection to worker {self.name!r} at {self.url}: {why}")
+        with self._ack_lock:
+            if self._lost_error is None:
+                self._lost_error = error
+            waiters, self._ack_waiters = self._ack_waiters, []
+        for _, future in waiters:
+            future.set_exception(WorkerConnectionError(str(self._lost_error)))
+        self._on_lost(self._lost_error)
 
     # --- the pump: batches out, input in while nobody waits ---
     def _pump_loop(self) -> None:
@@ -120,7 +262,7 @@ class ClientConnection:
         never pay to wake this thread. After IDLE_POLLS empty polls it sleeps until a caller sets
         `_wake` (or RELEASE_POLL_S passes: released pointers, input, keepalive)."""
         empty = 0
-        while not self._stopping and self.ws.closed is None:
+        while not self._stopping and self._lost_error is None:
             if self.pump_idle:
                 self._wake.wait(RELEASE_POLL_S)
                 self._wake.clear()
@@ -147,13 +289,15 @@ class ClientConnection:
             return
         if not self._read_lock.acquire(blocking=False):
             return
+        ws = self.ws
         try:
-            while not self._waiting and self.ws.closed is None and self.ws.readable(0):
+            while not self._waiting and self._lost_error is None and self.ws.readable(0):
                 self._read(0)
-            if self.ws.closed is None:
-                self.ws.keepalive()
+            ws = self.ws
+            if ws.closed is None:
+                ws.keepalive()
         except ConnectionClosed as e:
-            self._lost(str(e))
+            self._resume(ws, str(e))
         finally:
             self._read_lock.release()
             with self._turn:
@@ -163,7 +307,8 @@ class ClientConnection:
         return time.monotonic() - self.ws.last_received > TICK_S
 
     def close(self) -> None:
-        """Close the socket (a reader blocked in it returns) and stop the pump."""
+        """Close the socket (a reader blocked in it returns) and stop the pump; a resume under way
+        gives up."""
         self._stopping = True
         self._wake.set()
         self.ws.close()

@@ -2,6 +2,7 @@
 
     TorchRemoteError
     ├── WorkerConnectionError   (also ConnectionError)  worker dead, unreachable, or connection closed
+    │   └── SessionInUseError                           a resume while the session's connection is live
     ├── WorkerPermissionError   (also PermissionError)  bad token, refused by the worker's policy
     ├── ProtocolError           (also ValueError)       bytes that are not a valid torchremote message
     └── RemoteError             (also RuntimeError)     a remote exception with no local equivalent
@@ -26,6 +27,11 @@ class TorchRemoteError(Exception):
 
 class WorkerConnectionError(TorchRemoteError, ConnectionError):
     """The worker cannot be reached, or the connection to it was lost."""
+
+
+class SessionInUseError(WorkerConnectionError):
+    """A resume token was offered while its session's connection is still live (try again once the
+    worker has seen it drop)."""
 
 
 class WorkerPermissionError(TorchRemoteError, PermissionError):
@@ -59,7 +65,7 @@ _REBUILDABLE.update({
     "torch._C._LinAlgError": torch.linalg.LinAlgError,
     "torch.linalg.LinAlgError": torch.linalg.LinAlgError,
 })
-for _cls in (WorkerConnectionError, WorkerPermissionError, ProtocolError, RemoteError):
+for _cls in (WorkerConnectionError, SessionInUseError, WorkerPermissionError, ProtocolError, RemoteError):
     _REBUILDABLE[f"torchremote.{_cls.__name__}"] = _cls
 
 

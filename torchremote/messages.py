@@ -3,7 +3,8 @@
 A websocket message is one *batch*: a list of the items below (see `wire.py` for the bytes).
 Client -> worker: `Hello` first, then batches of `Put`, `Call`, `Fetch`, `Release`, `Search`,
 `ListObjects`, `ManualSeed`, `Sync`. Worker -> client: `Welcome`, then batches of `Reply` and
-`Failure`. Ids are allocated by the client (as in TensorFlow's remote eager service), so a result can
+`Failure`. Either side may put an `Ack` first in a batch: how many of the other side's frames it
+has taken (see `resume.py`: frames are kept for replay after a dropped connection until acknowledged). Ids are allocated by the client (as in TensorFlow's remote eager service), so a result can
 be named - and used in the next op - before the worker has produced it: output `k` of the op with id
 `n` is `ClientRef(n, k)`. Requests that want an answer carry a `req_id`; everything else is
 fire-and-forget, and a failure of such an op is reported as a `Failure` with `req_id=None`.
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"TRM2"                      # first bytes of every frame (and the wire version)
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -113,17 +114,27 @@ class ObjectInfo:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """`resume`: the secret of a session to take up again after a dropped connection, with how many
+    of the worker's frames the client received in it (`received`)."""
     version: int
     client_name: str
     token: str | None = None
+    resume: str | None = None
+    received: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """`resume_token`: the secret that resumes this session within `resume_grace_s` of a dropped
+    connection ("" when the worker keeps nothing). On a resume, `received` is how many of the
+    client's frames the worker has run: the client sends the rest again."""
     version: int
     worker_id: str
     client_id: str
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the largest frame this worker accepts
+    resume_token: str = ""
+    resume_grace_s: float = 0.0
+    received: int = 0
 
 
 # --- client -> worker ----------------------------------------------------------------------------
@@ -242,6 +253,14 @@ class Handover:
     ticket: str
 
 
+# --- either way ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The sender has taken the first `count` frames the other side sent in this session."""
+    count: int
+
+
 # --- worker -> client ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +280,7 @@ class Failure:
 # Wire codes: append only, never reuse a number.
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
-    PutBegin, Chunk, Run, Expect, Push, Handover,
+    PutBegin, Chunk, Run, Expect, Push, Handover, Ack,
 )
 VALUE_TYPES: tuple[type, ...] = (
     TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor,

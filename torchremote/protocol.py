@@ -3,8 +3,8 @@
 Calling rules, client side: `hello()` first and send its bytes; feed the worker's first message to
 `receive_welcome()`. Then any number of `put`/`call`/`request`/`release` calls queue commands, and
 `data_to_send()` returns the next frame (all queued commands as one batch, releases included) or an
-empty list. Every message from the worker goes to `receive_data()`, which returns `Reply` and
-`Failure` items. `release()` may be called from any thread, a garbage collector included; the other
+empty list. Every message from the worker goes to `receive_data()`, which returns `Reply`,
+`Failure` and `Ack` items. `release()` may be called from any thread, a garbage collector included; the other
 methods need the caller's lock. The worker side is the mirror image (`ServerProtocol`).
 
 Two of these wired back to back (see tests/test_protocol.py) exercise the whole protocol without I/O.
@@ -46,8 +46,10 @@ class ClientProtocol:
         self.on_chunk: Callable[[int, int, int], None] | None = None
 
     # --- handshake ---
-    def hello(self) -> Chunks:
-        return wire.encode([m.Hello(m.PROTOCOL_VERSION, self.client_name, self._token)])
+    def hello(self, resume: str | None = None, received: int = 0) -> Chunks:
+        """The first message; with `resume`, it takes up that session (`received`: how many of the
+        worker's frames arrived before the connection dropped)."""
+        return wire.encode([m.Hello(m.PROTOCOL_VERSION, self.client_name, self._token, resume, received)])
 
     def receive_welcome(self, data: bytes) -> m.Welcome:
         items = wire.decode(data)
@@ -169,7 +171,7 @@ class ClientProtocol:
                 if done:
                     del self._incoming[item.id]
                     events.append(m.Reply(item.id, assembly.tensor()))
-            elif isinstance(item, (m.Reply, m.Failure)):
+            elif isinstance(item, (m.Reply, m.Failure, m.Ack)):
                 events.append(item)
             else:
                 raise ProtocolError(f"unexpected {type(item).__name__} from the worker")
@@ -200,7 +202,7 @@ class ServerProtocol:
     """The worker's end: validates the handshake, decodes command batches, encodes replies."""
 
     _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync,
-                 m.PutBegin, m.Chunk, m.Run, m.Expect, m.Push, m.Handover)
+                 m.PutBegin, m.Chunk, m.Run, m.Expect, m.Push, m.Handover, m.Ack)
 
     def receive_hello(self, data: bytes) -> m.Hello:
         items = wire.decode(data)
@@ -213,8 +215,10 @@ class ServerProtocol:
         return hello
 
     @staticmethod
-    def welcome(worker_id: str, client_id: str, max_message_bytes: int) -> Chunks:
-        return wire.encode([m.Welcome(m.PROTOCOL_VERSION, worker_id, client_id, max_message_bytes)])
+    def welcome(worker_id: str, client_id: str, max_message_bytes: int, resume_token: str = "",
+                resume_grace_s: float = 0.0, received: int = 0) -> Chunks:
+        return wire.encode([m.Welcome(m.PROTOCOL_VERSION, worker_id, client_id, max_message_bytes,
+                                      resume_token, float(resume_grace_s), received)])
 
     @staticmethod
     def refuse(exc: BaseException) -> Chunks:

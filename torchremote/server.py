@@ -15,6 +15,7 @@ import re
 import signal
 import ssl
 import threading
+import time
 from typing import Any, Iterable
 
 import torch
@@ -22,15 +23,19 @@ import torch
 from ._gc import freeze_long_lived
 from . import messages as m
 from . import published_files
-from .errors import ProtocolError, WorkerPermissionError, to_info
+from .errors import ProtocolError, WorkerConnectionError, WorkerPermissionError, to_info
 from .execution import Session
 from .protocol import ChunkPlacement, ServerProtocol
+from .resume import DEFAULT_GRACE_S, ResumableSession, SessionTable
 from .store import ObjectStore, ObjectTable, object_id
-from .websocket import ConnectionClosed
+from .websocket import ConnectionClosed, Placed
 from .worker_connection import Listener, ServedConnection
 from . import wire
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+# batch items that change no data: replies kept for a replay need no copy before these run
+_READ_ONLY = (m.Fetch, m.Release, m.Search, m.ListObjects, m.Sync, m.Expect)
 
 
 def is_loopback(host: str) -> bool:
@@ -49,7 +54,7 @@ class WorkerServer:
                  token: str | None = None, device: str | torch.device = "cpu",
                  max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES,
                  max_client_bytes: int | None = None, max_clients: int | None = None,
-                 certfile: str | None = None,
+                 resume_grace: float = DEFAULT_GRACE_S, certfile: str | None = None,
                  keyfile: str | None = None, allow_code: bool = False, insecure: bool = False,
                  verbose: bool = False, log_file: str | None = None) -> None:
         if token is None and not is_loopback(host) and not insecure:
@@ -71,7 +76,11 @@ class WorkerServer:
         if max_clients is not None and max_clients < 1:
             raise ValueError("--max-clients must be at least 1")
         self.max_clients = max_clients
-        self._sessions = 0
+        if resume_grace < 0:
+            raise ValueError("--resume-grace must be 0 (no resume) or more seconds")
+        self.resume_grace = float(resume_grace)
+        self._resumable = SessionTable(self.resume_grace, self._free_session)
+        self._sessions = 0  # sessions holding objects: connected, or dropped and kept for a resume
         self._sessions_lock = threading.Lock()
         tls = None
         if certfile:
@@ -88,6 +97,9 @@ class WorkerServer:
         self._listener = Listener(host, port, self._handle, tls=tls, max_size=max_message_bytes, name=id)
         self.host = host
         self.port: int = self._listener.port
+        if self.resume_grace > 0:
+            threading.Thread(target=self._expire_dropped_sessions, name=f"torchremote-expiry-{id}",
+                             daemon=True).start()
         self.log.info("worker %r listening on %s; each client may hold up to %s", id, self.url,
                       describe_bytes(self.max_client_bytes))
 
@@ -149,6 +161,7 @@ class WorkerServer:
         """Stop listening, close every connection, free every client's objects."""
         self._stopped.set()
         self._listener.stop()
+        self._resumable.close()
         self.log.info("worker %r stopped", self.id)
 
     def __enter__(self) -> "WorkerServer":
@@ -172,11 +185,15 @@ class WorkerServer:
             if self._token is not None and not hmac.compare_digest(
                     (hello.token or "").encode(), self._token):
                 raise WorkerPermissionError("authentication failed: wrong or missing token")
-        except (ProtocolError, WorkerPermissionError, TimeoutError) as e:
+            state = self._resumable.attach(hello.resume) if hello.resume is not None else None
+        except (ProtocolError, WorkerPermissionError, WorkerConnectionError, TimeoutError) as e:
             self.log.warning("%s refused: %s", peer, e)
             _try_send(conn, protocol.refuse(e))
             return
         except ConnectionClosed:
+            return
+        if state is not None:
+            self._resume(conn, protocol, state, hello.received)
             return
         if not self._admit():
             error = WorkerPermissionError(
@@ -185,11 +202,13 @@ class WorkerServer:
             self.log.warning("%s refused: %s", peer, error)
             _try_send(conn, protocol.refuse(error))
             return
-        try:
-            self._serve_session(conn, protocol, hello)
-        finally:
-            with self._sessions_lock:
-                self._sessions -= 1
+        client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
+        session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
+                          max_client_bytes=self.max_client_bytes, allow_code=self.allow_code)
+        state = self._resumable.open(session)
+        self.log.info("%s connected as %s", peer, client_id)
+        welcome = protocol.welcome(self.id, client_id, self.max_message_bytes, state.token, self.resume_grace)
+        self._serve_session(conn, protocol, state, [welcome])
 
     def _admit(self) -> bool:
         with self._sessions_lock:
@@ -198,29 +217,89 @@ class WorkerServer:
             self._sessions += 1
             return True
 
-    def _serve_session(self, conn: ServedConnection, protocol: ServerProtocol, hello: m.Hello) -> None:
-        peer = conn.peer
-        client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
-        session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
-                          max_client_bytes=self.max_client_bytes, allow_code=self.allow_code)
-        self.log.info("%s connected as %s", peer, client_id)
+    def _resume(self, conn: ServedConnection, protocol: ServerProtocol, state: ResumableSession,
+                received: int) -> None:
+        """Take a dropped session up again on this connection: tell the client how many of its
+        frames ran, and send again the replies it did not receive."""
+        session = state.session
         try:
-            conn.send(protocol.welcome(self.id, client_id, self.max_message_bytes))
+            replays = state.replies.since(received)
+        except ProtocolError as e:
+            self.log.warning("%s refused a resume of %s: %s", conn.peer, session.client_id, e)
+            _try_send(conn, protocol.refuse(e))
+            self._resumable.park(state)
+            return
+        self.log.info("%s %s resumed after %.1f s; %d frame(s) of replies sent again", conn.peer,
+                      session.client_id, time.monotonic() - state.dropped_at, len(replays))
+        session.peer = conn.peer
+        welcome = protocol.welcome(self.id, session.client_id, self.max_message_bytes, state.token,
+                                   self.resume_grace, state.processed)
+        self._serve_session(conn, protocol, state, [welcome, *replays])
+
+    def _serve_session(self, conn: ServedConnection, protocol: ServerProtocol, state: ResumableSession,
+                       first: list) -> None:
+        """Send `first`, then run each batch the client sends and write its replies, until the
+        connection ends: closed by the client (its objects are freed), or dropped (they are kept
+        for the grace period, for a resume)."""
+        session = state.session
+        try:
+            for frame in first:
+                conn.send(frame)
             for data in conn.messages(ChunkPlacement(session.assembly)):
-                try:
-                    replies = session.run(protocol.receive_data(data))
-                except ProtocolError as e:
-                    self.log.warning("%s %s: %s", peer, client_id, e)
-                    replies = [m.Failure(None, None, to_info(e))]
-                for frame in _encode_replies(protocol, replies):
+                replies = self._run_batch(protocol, state, data)
+                frames = _encode_replies(protocol, replies) if replies else []
+                for frame in frames:
+                    state.replies.add(frame)  # all kept before any is sent: a drop loses none
+                for frame in frames:
                     conn.send(frame)
         except ConnectionClosed:
-            pass
+            if state.token and not conn.ws.closed_by_peer and not self._stopped.is_set():
+                self._resumable.park(state)
+                self.log.info("%s %s dropped; its %d object(s) are kept %g s for a resume", conn.peer,
+                              session.client_id, len(session.objects), self.resume_grace)
+                return
+            self._end_session(state, "disconnected")
         except Exception as e:  # a fault of this connection's transport: drop it, keep serving others
-            self.log.warning("%s %s: dropped: %s: %s", peer, client_id, type(e).__name__, e)
-        finally:
-            freed = session.close()
-            self.log.info("%s %s disconnected; freed %d object(s)", peer, client_id, freed)
+            self.log.warning("%s %s: dropped: %s: %s", conn.peer, session.client_id, type(e).__name__, e)
+            self._end_session(state, "dropped")
+
+    def _run_batch(self, protocol: ServerProtocol, state: ResumableSession, data: Any) -> list:
+        """Run one frame of the client's; the replies start with an acknowledgement of every frame
+        run so far, and a frame that needs no reply is acknowledged now and then on its own."""
+        try:
+            items = protocol.receive_data(data)
+        except ProtocolError as e:
+            self.log.warning("%s %s: %s", state.session.peer, state.session.client_id, e)
+            replies = [m.Failure(None, None, to_info(e))]
+        else:
+            if items and type(items[0]) is m.Ack:
+                state.replies.acknowledge(items[0].count)
+                items = items[1:]
+            if state.replies.kept and not all(type(i) in _READ_ONLY for i in items):
+                state.replies.freeze()  # replies not yet acknowledged must not change under a replay
+            replies = state.session.run(items)
+        state.processed += 1
+        state.unacknowledged += 1
+        state.unacknowledged_bytes += data.tensor.numel() if isinstance(data, Placed) else len(data)
+        if not replies and not state.ack_due():
+            return []
+        state.unacknowledged = state.unacknowledged_bytes = 0
+        return [m.Ack(state.processed), *replies]
+
+    def _end_session(self, state: ResumableSession, why: str) -> None:
+        self._resumable.end(state)
+        self._free_session(state, why)
+
+    def _free_session(self, state: ResumableSession, why: str) -> None:
+        session = state.session
+        freed = session.close()
+        with self._sessions_lock:
+            self._sessions -= 1
+        self.log.info("%s %s %s; freed %d object(s)", session.peer, session.client_id, why, freed)
+
+    def _expire_dropped_sessions(self) -> None:
+        while not self._stopped.wait(min(1.0, self.resume_grace / 4)):
+            self._resumable.expire()
 
 
 def describe_bytes(n: int | None) -> str:

@@ -97,6 +97,7 @@ class WebSocket:
         self.last_sent = self.last_received
         self._ping_sent: float | None = None
         self.closed: str | None = None
+        self.closed_by_peer = False  # the peer sent a close frame: it ended the connection on purpose
         sock.settimeout(stall_s)
 
     # --- sending ---
@@ -280,6 +281,7 @@ class WebSocket:
                 code = close.code if close is not None else CloseCode.NO_STATUS_RCVD
                 why = f" ({close.reason})" if close is not None and close.reason else ""
                 self.closed = f"closed by the peer (code {int(code)}{why})"
+                self.closed_by_peer = True
                 close_socket(self.sock)
                 raise ConnectionClosed(self.closed)
         return message

@@ -327,6 +327,10 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
 def _is_opt_int(v: Any) -> bool:
     return v is None or type(v) is int
 
@@ -352,8 +356,9 @@ def _of(*types: type) -> Any:
 
 
 _FIELD_CHECKS: dict[type, tuple] = {
-    m.Hello: (_is_int, _of(str), lambda v: v is None or type(v) is str),
-    m.Welcome: (_is_int, _of(str), _of(str), _is_int),
+    m.Hello: (_is_int, _of(str), lambda v: v is None or type(v) is str, lambda v: v is None or type(v) is str,
+              _is_count),
+    m.Welcome: (_is_int, _of(str), _of(str), _is_int, _of(str), _of(float), _is_count),
     m.Put: (_is_int, _of(torch.Tensor), _of(bool), _of(str)),
     m.Call: (_is_int, _of(str), _is_args, _of(dict), _of(bool), _of(bool)),
     m.Fetch: (_is_int, _of(m.ClientRef, m.PublishedRef)),
@@ -376,6 +381,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.Push: (_is_int, _of(m.ClientRef, m.PublishedRef), _of(str), lambda v: v is None or type(v) is str,
              _of(str)),
     m.Handover: (_is_int, _of(m.ClientRef), _of(str)),
+    m.Ack: (_is_count,),
     m.Chunk: (_is_int, _is_int, lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
               and v.dim() == 1),
 }
