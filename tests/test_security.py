@@ -122,10 +122,12 @@ def test_hostile_frames_run_nothing_and_the_worker_keeps_serving(worker_process,
         ]
         for frame in hostile:
             ws.send(frame)
-            for item in wire.decode(ws.recv(timeout=10)):
+            ack, *items = wire.decode(ws.recv(timeout=10))
+            assert isinstance(ack, m.Ack) and items
+            for item in items:
                 assert isinstance(item, m.Failure), item
         ws.send(wire.encode_bytes([m.Sync(99)]))
-        assert wire.decode(ws.recv(timeout=10)) == [m.Reply(99, None)]
+        assert wire.decode(ws.recv(timeout=10)) == [m.Ack(len(hostile) + 1), m.Reply(99, None)]
     assert not marker.exists()
     assert worker.proc.poll() is None
     with tr.connect(worker.url) as w:
@@ -143,7 +145,7 @@ def test_huge_claims_in_a_header_allocate_nothing(worker_process):
         ws.send(b"".join(proto.hello()))
         proto.receive_welcome(ws.recv(timeout=10))
         ws.send(frame)
-        (failure,) = wire.decode(ws.recv(timeout=10))
+        _, failure = wire.decode(ws.recv(timeout=10))
         assert failure.error.type == "torchremote.ProtocolError" and "shorter" in failure.error.message
     assert worker.proc.poll() is None
 

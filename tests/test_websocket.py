@@ -221,8 +221,8 @@ def test_a_standard_websocket_client_can_talk_to_a_worker(server):
         ref = proto.put(torch.arange(3.0))
         proto.request(m.Fetch, ref)
         ws.send(b"".join(proto.data_to_send()))
-        (reply,) = proto.receive_data(ws.recv(timeout=5))
-        assert reply.value.tolist() == [0.0, 1.0, 2.0]
+        ack, reply = proto.receive_data(ws.recv(timeout=5))
+        assert ack == m.Ack(1) and reply.value.tolist() == [0.0, 1.0, 2.0]
 
 
 def test_threads_sharing_one_worker_each_get_their_own_replies(server):

@@ -14,6 +14,7 @@ import torch
 
 from .errors import TorchRemoteError
 from .messages import DEFAULT_MAX_MESSAGE_BYTES
+from .resume import DEFAULT_GRACE_S
 from . import published_files
 from .server import describe_bytes, start_worker
 
@@ -46,7 +47,8 @@ def _worker(args: argparse.Namespace) -> int:
                               device=args.device, insecure=args.insecure, verbose=args.verbose,
                               log_file=args.log_file, certfile=args.certfile, keyfile=args.keyfile,
                               max_message_bytes=args.max_message_bytes, max_clients=args.max_clients,
-                              max_client_bytes=args.max_client_bytes, allow_code=args.allow_code)
+                              max_client_bytes=args.max_client_bytes, allow_code=args.allow_code,
+                              resume_grace=args.resume_grace)
     except (TorchRemoteError, OSError, ValueError) as e:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
         return 1
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: half of this machine's memory)")
     w.add_argument("--max-clients", type=int, default=None,
                    help="most clients served at once; past it, new ones are refused (default: no limit)")
+    w.add_argument("--resume-grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                   help="how long the objects of a client whose connection dropped are kept for it to "
+                        "reconnect and resume; 0: freed at once (default: %(default)g)")
     w.add_argument("--publish", action="append", metavar="FILE.safetensors",
                    help="publish every tensor in this safetensors file under its name (repeatable)")
     w.add_argument("--data-dir", action="append", metavar="DIR",

@@ -34,7 +34,7 @@ from . import wire
 
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
 FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
-WAIT_FOR_ACK_BYTES = 1 << 20  # a put this large waits for the worker to have it, instead of a copy
+WAIT_FOR_ACK_BYTES = 1 << 20  # a put this large waits for the worker to run it, instead of a copy
 
 _open_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
 
@@ -183,12 +183,10 @@ class Worker:
                 self._check_open()
                 ref = self._put_chunked(tensor, device)
             out.append(RemoteTensor._wrap(meta, self, ref))
-        # a frame kept for a replay after a drop points into these tensors: a small one is copied,
-        # a large one is waited for (the caller may change the tensors once this returns)
-        wait = small >= WAIT_FOR_ACK_BYTES
-        frame = self._flush(caller_waits=wait)
-        if wait and frame is not None:
-            self._connection.wait_acknowledged(frame)
+        if small >= WAIT_FOR_ACK_BYTES:
+            self._send_and_wait()
+        else:
+            self._flush()
         return out
 
     def _put_chunked(self, tensor: torch.Tensor, device: str) -> m.ClientRef:
@@ -199,15 +197,13 @@ class Worker:
             ref = self._protocol.put_begin(header, tensor.requires_grad, device)
         self._flush()
         bar = transfer_bar(header.nbytes, f"send to {self.id}")
-        frame = None
         try:
             for offset, data in chunks:
                 with self._lock:
                     self._protocol.chunk(ref.op_id, offset, data)
-                frame = self._flush(caller_waits=True)
+                self._flush(caller_waits=True)  # one chunk a frame: read straight into place there
                 bar.update(data.numel())
-            if frame is not None:  # the kept chunks point into the tensor: the worker must have them
-                self._connection.wait_acknowledged(frame)
+            self._send_and_wait()
         finally:
             bar.close()
         return ref
@@ -309,6 +305,16 @@ class Worker:
             raise exc
         return value
 
+    def _send_and_wait(self) -> None:
+        """Send what is queued, uncopied, and wait until the worker has run it. For puts of large
+        tensors: frames kept for a replay after a drop point into them, and the caller may change
+        them once the put returns (smaller frames are copied instead)."""
+        with self._lock:
+            self._check_open()
+            future = self._pending[self._protocol.request(m.Sync)] = Future()
+        self._flush(caller_waits=True)
+        self._connection.wait(future)
+
     def _check_size(self, nbytes: int, what: str) -> None:
         """Local operands travel inside their op's message, so they must fit in one."""
         if nbytes + FRAME_OVERHEAD > self.max_message_bytes:
@@ -325,22 +331,22 @@ class Worker:
         if self._closed is not None:
             raise WorkerConnectionError(str(self._closed))
 
-    def _flush(self, caller_waits: bool = False) -> int | None:
-        """Send everything queued as one frame; returns its number (None: nothing to send). The
-        queue is taken under the state lock, which is then let go: callers queueing ops never wait
-        while this thread encodes and sends. `caller_waits`: see `ClientConnection.send_locked`."""
+    def _flush(self, caller_waits: bool = False) -> None:
+        """Send everything queued as one frame. The queue is taken under the state lock, which is
+        then let go: callers queueing ops never wait while this thread encodes and sends.
+        `caller_waits`: see `ClientConnection.send_locked`."""
         connection = self._connection
         with self._lock:
             self._queue_grad_resets()
             items = self._protocol.take()
             if not items:
-                return None
+                return
             ack = connection.take_ack()
             if ack is not None:
                 items.insert(0, m.Ack(ack))
             connection.send_lock.acquire()  # taken in the order frames were taken: they leave in order
         try:
-            return connection.send_locked(self._protocol.encode(items), caller_waits=caller_waits)
+            connection.send_locked(self._protocol.encode(items), caller_waits=caller_waits)
         except WorkerConnectionError as e:
             self._shutdown(e)
             raise

@@ -65,9 +65,6 @@ class ClientConnection:
         self.sent = ReplayLog()                 # our frames the worker has not acknowledged
         self.received = 0                       # the worker's frames received, in this session
         self._ack_sent = 0                      # the count we last told the worker
-        self._ack_waiters: list[tuple[int, Future]] = []
-        self._acked = 0                         # our frames the worker has acknowledged
-        self._ack_lock = threading.Lock()
         self.send_lock = threading.Lock()       # one frame on the socket at a time, in number order
         self._lost_error: WorkerConnectionError | None = None
         self._read_lock = threading.Lock()       # held by whichever thread reads the socket
@@ -93,16 +90,17 @@ class ClientConnection:
             self._wake.set()
 
     # --- sending, and what the worker acknowledges ---
-    def send_locked(self, chunks: list, *, caller_waits: bool = False) -> int:
-        """Send one frame, `send_lock` held; returns its number. The frame is kept for a replay,
-        copied if it points into tensors the caller may change once it returns (unless the caller
-        waits for the acknowledgement: `wait_acknowledged`). A failed write is not an error here:
-        the frame is kept, and the reader that finds the connection dropped resumes and resends it."""
+    def send_locked(self, chunks: list, *, caller_waits: bool = False) -> None:
+        """Send one frame, `send_lock` held. The frame is kept for a replay, copied if it points
+        into tensors the caller may change once it returns (unless the caller waits until the
+        worker has run it). A failed write is not an error here: the frame is kept, and the reader
+        that finds the connection dropped resumes and sends it again."""
         if self._lost_error is not None:
             raise WorkerConnectionError(str(self._lost_error))
         if self._reconnect is not None and not caller_waits and payload_bytes(chunks):
             chunks = frozen(chunks)
-        number = self.sent.add(chunks) if self._reconnect is not None else self.sent.sent
+        if self._reconnect is not None:
+            self.sent.add(chunks)
         ws = self.ws
         try:
             ws.send(chunks)
@@ -112,7 +110,6 @@ class ClientConnection:
                 raise WorkerConnectionError(str(self._lost_error)) from e
             close_socket(ws.sock)  # a reader blocked on it returns, and resumes
             self._wake.set()
-        return number
 
     def take_ack(self) -> int | None:
         """How many of the worker's frames we have, if the worker has not been told yet."""
@@ -124,25 +121,6 @@ class ClientConnection:
     def acknowledged(self, count: int) -> None:
         """The worker has run our first `count` frames."""
         self.sent.acknowledge(count)
-        with self._ack_lock:
-            self._acked = max(self._acked, count)
-            done = [f for n, f in self._ack_waiters if n < count]
-            self._ack_waiters = [(n, f) for n, f in self._ack_waiters if n >= count]
-        for future in done:
-            future.set_result(None)
-
-    def wait_acknowledged(self, number: int) -> None:
-        """Wait until the worker has taken frame `number` (so it will never be sent again)."""
-        if self._reconnect is None:
-            return
-        future: Future = Future()
-        with self._ack_lock:
-            if self._acked > number:
-                return
-            if self._lost_error is not None:
-                raise WorkerConnectionError(str(self._lost_error))
-            self._ack_waiters.append((number, future))
-        self.wait(future)
 
     # --- waiting for a reply, reading the socket meanwhile ---
     def wait(self, future: Future) -> Any:
@@ -247,13 +225,8 @@ class ClientConnection:
             self._lost(why)
 
     def _lost(self, why: str) -> None:
-        error = WorkerConnectionError(f"lost the connection to worker {self.name!r} at {self.url}: {why}")
-        with self._ack_lock:
-            if self._lost_error is None:
-                self._lost_error = error
-            waiters, self._ack_waiters = self._ack_waiters, []
-        for _, future in waiters:
-            future.set_exception(WorkerConnectionError(str(self._lost_error)))
+        if self._lost_error is None:
+            self._lost_error = WorkerConnectionError(f"lost the connection to worker {self.name!r} at {self.url}: {why}")
         self._on_lost(self._lost_error)
 
     # --- the pump: batches out, input in while nobody waits ---

@@ -134,6 +134,10 @@ class SessionTable:
             state.live = True
             return state
 
+    def sessions(self) -> list[ResumableSession]:
+        with self._lock:
+            return list(self._sessions.values())
+
     def _find(self, token: str) -> ResumableSession | None:
         for known, state in self._sessions.items():  # compare_digest: no timing hints about tokens
             if secrets.compare_digest(known.encode(), token.encode()):
