@@ -28,7 +28,7 @@ import psutil
 import torch
 
 import torchremote as tr
-from benchmarks import load, peers, training
+from benchmarks import load, peers, resume, training
 from benchmarks.timing import per_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -291,6 +291,7 @@ def report(results: dict) -> str:
               f"| sync op latency p50 / p99 | {ld['p50_us'] / 1e3:.1f} / {ld['p99_us'] / 1e3:.1f} ms |",
               f"| worker peak extra RSS | {ld['worker_peak_extra_bytes'] / MiB:.0f} MiB |",
               f"| wall time | {ld['wall_s']:.1f} s |"]
+    lines += resume.report(results)
     mem = results["memory"]
     lines += ["", "### 5. Memory", "", "| what | figure |", "| --- | ---: |",
               f"| client memory per live RemoteTensor | {results['pointer_bytes']:.0f} B |",
@@ -375,6 +376,8 @@ def main() -> None:
         extra = [start(["-m", "torchremote", "worker", "--port", "0", "--id", f"w{i}"],
                        env={"OMP_NUM_THREADS": "1"}) for i in (1, 2, 3)]
         procs += [p for p, _ in extra]
+        no_resume, no_resume_url = start(["-m", "torchremote", "worker", "--port", "0", "--resume-grace", "0"])
+        procs.append(no_resume)
         ws_proc, ws_url = start(["-m", "benchmarks.peers", "ws"])
         asyncio_proc, asyncio_url = start(["-m", "benchmarks.peers", "ws-asyncio"])
         sansio_proc, sansio_url = start(["-m", "benchmarks.peers", "ws-sansio"])
@@ -395,6 +398,7 @@ def main() -> None:
                           ("training", lambda: training.run(results, args.quick)),
                           ("mycelya-torch", lambda: mycelya(results)),
                           ("100 clients", lambda: results.__setitem__("load", load.run(url, worker.pid, 100))),
+                          ("resume", lambda: results.__setitem__("resume", resume.run(url, no_resume_url))),
                           ("memory", lambda: memory(bob, worker.pid, results, move))):
             t0 = time.perf_counter()
             print(f"running {name} ...", file=sys.stderr, flush=True)

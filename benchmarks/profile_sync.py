@@ -3,6 +3,7 @@
 Times `(x + 1).sum().item()` against a worker in its own process, piece by piece: the client's
 dispatch and encoding, its send, the wait for the reply, and decoding it; the worker's share of the
 wait (reading, decoding, running, encoding, writing), timed inside the worker. Medians over 2,000 ops.
+`--resume-grace 0` profiles a worker that keeps no frames for a resume.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ protocol.ServerProtocol.receive_data = timed("decode", protocol.ServerProtocol.r
 execution.Session.run = timed("run", execution.Session.run)
 server._encode_replies = timed("encode", server._encode_replies)
 worker_connection.ServedConnection.send = timed("write", worker_connection.ServedConnection.send)
-w = tr.start_worker(id="profiled")
+w = tr.start_worker(id="profiled", resume_grace=float(sys.argv[1]))
 print(w.url, flush=True)
 sys.stdin.readline()
 print(json.dumps({k: statistics.median(v[-2000:]) * 1e6 for k, v in times.items() if v}), flush=True)
@@ -37,12 +38,13 @@ print(json.dumps({k: statistics.median(v[-2000:]) * 1e6 for k, v in times.items(
 
 
 def main() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    grace = sys.argv[sys.argv.index("--resume-grace") + 1] if "--resume-grace" in sys.argv else "60"
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, grace], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     try:
         url = proc.stdout.readline().strip()
         worker = tr.connect(url)
-        ws = worker._ws
+        ws = worker._connection.ws
         marks: dict[str, float] = {}
         send, receive = ws.send, ws.receive
 

@@ -145,7 +145,8 @@ class Worker:
         if self._closed is not None:
             return
         try:
-            self._flush()
+            if not self._connection.resuming:  # else the worker is out of reach: send nothing more
+                self._flush()
         except TorchRemoteError:
             pass
         self._shutdown(WorkerConnectionError(f"the connection to worker {self.id!r} was closed"))

@@ -67,6 +67,7 @@ class ClientConnection:
         self._ack_sent = 0                      # the count we last told the worker
         self.send_lock = threading.Lock()       # one frame on the socket at a time, in number order
         self._lost_error: WorkerConnectionError | None = None
+        self.resuming = False                   # a reader is reconnecting
         self._read_lock = threading.Lock()       # held by whichever thread reads the socket
         self._turn = threading.Condition()       # callers waiting for the reader to finish
         self._waiting = 0                        # callers waiting for a reply
@@ -183,6 +184,14 @@ class ClientConnection:
         deadline = started + self._grace_s
         log.warning("torchremote: lost the connection to worker %r (%s); reconnecting for up to %g s",
                     self.name, why, self._grace_s)
+        self.resuming = True
+        try:
+            self._reconnect_and_replay(started, deadline, why)
+        finally:
+            self.resuming = False
+
+    def _reconnect_and_replay(self, started: float, deadline: float, why: str) -> None:
+        """Attempts until one resumes, the session is gone, or `deadline` passes."""
         delay, most = RECONNECT_DELAY_S
         last = ""
         with self.send_lock:

@@ -248,8 +248,9 @@ class WorkerServer:
             for data in conn.messages(ChunkPlacement(session.assembly)):
                 replies = self._run_batch(protocol, state, data)
                 frames = _encode_replies(protocol, replies) if replies else []
-                for frame in frames:
-                    state.replies.add(frame)  # all kept before any is sent: a drop loses none
+                if state.token:
+                    for frame in frames:
+                        state.replies.add(frame)  # all kept before any is sent: a drop loses none
                 for frame in frames:
                     conn.send(frame)
         except ConnectionClosed:
@@ -279,6 +280,8 @@ class WorkerServer:
                 state.replies.freeze()  # replies not yet acknowledged must not change under a replay
             replies = state.session.run(items)
         state.processed += 1
+        if not state.token:  # resuming is off: nothing is kept, nothing to acknowledge
+            return replies
         state.unacknowledged += 1
         state.unacknowledged_bytes += data.tensor.numel() if isinstance(data, Placed) else len(data)
         if not replies and not state.ack_due():
