@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import torchremote as tr
-from torchremote import client as client_module
 
 
 class Spy:
@@ -27,13 +26,13 @@ class Spy:
 
         monkeypatch.setattr(worker, "_request", counted(request))
         monkeypatch.setattr(worker, "_call_sync", counted(call_sync))
-        send = client_module.send_chunks
+        send = worker._connection.send_locked
 
-        def send_counted(ws, chunks):
+        def send_counted(chunks, **options):
             self.frames += 1
-            return send(ws, chunks)
+            return send(chunks, **options)
 
-        monkeypatch.setattr(client_module, "send_chunks", send_counted)
+        monkeypatch.setattr(worker._connection, "send_locked", send_counted)
 
 
 def test_ops_make_no_round_trip_and_values_do(bob, monkeypatch):
