@@ -66,6 +66,28 @@ def test_the_cli_publishes_files_and_directories(worker_process, model_file, tmp
         assert {row.tags[0] for row in w.objects()} == {"weights", "bias", "cohort"}
 
 
+def test_private_files_are_computed_on_and_never_fetched(worker_process, model_file, tmp_path):
+    secret = tmp_path / "secret.safetensors"
+    save_file({"cohort": torch.full((4,), 7.0)}, str(secret), metadata={"private": "true"})
+    worker = worker_process("--publish", str(model_file), "--private", "--publish", str(secret))
+    with tr.connect(worker.url) as w:
+        (weights,), (cohort,) = w.search("weights"), w.search("cohort")
+        assert tuple((weights @ torch.ones(3)).shape) == (2,)  # computing on them works
+        for private in (weights, cohort, weights[0], cohort[1:]):
+            with pytest.raises(PermissionError, match="allow_get=False"):
+                private.get()
+    server = tr.start_worker(id="owner")
+    try:  # the same from Python, and the file's own metadata
+        server.publish_file(str(secret))
+        server.publish_file(str(model_file), private=True)
+        with tr.connect(server.url) as w:
+            for name in ("cohort", "weights", "bias"):
+                with pytest.raises(PermissionError):
+                    w.search(name)[0].get()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("make_bad", ["missing", "malformed"])
 def test_the_worker_does_not_start_half_configured(tmp_path, model_file, make_bad):
     bad = tmp_path / "bad.safetensors"

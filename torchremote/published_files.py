@@ -1,10 +1,11 @@
 """Data a worker publishes from safetensors files, so that it outlives the worker's process.
 
 Each tensor in a file is published under its name: the name is its first tag, so
-`worker.search("weights")` finds it. A file's own metadata may add tags and a description:
+`worker.search("weights")` finds it. A file's own metadata may add tags and a description, and
+make its tensors private:
 
     safetensors.torch.save_file(tensors, "cohort.safetensors",
-                                metadata={"tags": "#cohort,#2024", "description": "..."})
+                                metadata={"tags": "#cohort,#2024", "description": "...", "private": "true"})
 
 Files are read with the `safetensors` package, which never unpickles anything. A file is read whole
 before any of it is published, so a missing or malformed file publishes nothing and the error
@@ -30,6 +31,7 @@ class TensorFile:
     tensors: dict[str, torch.Tensor]
     tags: tuple[str, ...]      # from the file's metadata
     description: str
+    private: bool = False      # the metadata says "private": "true": never fetched, only computed on
 
 
 def read(path: str) -> TensorFile:
@@ -44,7 +46,8 @@ def read(path: str) -> TensorFile:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise PublishFileError(f"cannot publish {path}: not a readable safetensors file ({e})") from None
     tags = tuple(t.strip() for t in metadata.get("tags", "").split(",") if t.strip())
-    return TensorFile(path, tensors, tags, metadata.get("description", ""))
+    private = metadata.get("private", "").strip().lower() in ("1", "true", "yes")
+    return TensorFile(path, tensors, tags, metadata.get("description", ""), private)
 
 
 def in_directory(directory: str) -> list[str]:
