@@ -7,7 +7,7 @@
 """
 from . import device as _device  # noqa: F401  (registers the `remote` device first)
 from .client import Worker, connect
-from .errors import (ProtocolError, RemoteError, TorchRemoteError, WorkerConnectionError,
+from .errors import (ApprovalRequired, ProtocolError, RemoteError, TorchRemoteError, WorkerConnectionError,
                      WorkerPermissionError)
 from .messages import ObjectInfo
 from .server import WorkerServer, start_worker
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get", "on", "remote",
     "TorchRemoteError", "WorkerConnectionError", "WorkerPermissionError", "ProtocolError",
-    "RemoteError",
+    "RemoteError", "ApprovalRequired",
 ]

@@ -11,6 +11,7 @@ import atexit
 import os
 import ssl as ssl_module
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from typing import Any
@@ -24,7 +25,8 @@ from ._gc import freeze_long_lived
 from .client_connection import ClientConnection, open_connection, send_chunks
 from .websocket import WebSocket, open_client
 from .ops import SET_GRADS_NONE
-from .errors import TorchRemoteError, WorkerConnectionError, WorkerPermissionError, from_info
+from .errors import (ApprovalRequired, TorchRemoteError, WorkerConnectionError, WorkerPermissionError,
+                     from_info)
 from .progress import transfer_bar
 from .protocol import ClientProtocol
 from .store import ObjectTable
@@ -34,6 +36,7 @@ from . import wire
 
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
 FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
+APPROVAL_POLL_S = (0.05, 1.0)  # get(timeout=) asks how a release request stands this often: first, most
 WAIT_FOR_ACK_BYTES = 1 << 20  # a put this large waits for the worker to run it, instead of a copy
 
 _open_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
@@ -162,7 +165,41 @@ class Worker:
         state = "closed" if self.closed else "connected"
         return f"Worker(id={self.id!r}, url={self.url!r}, device={self.device}, {state})"
 
+    # --- the owner's side of releases (a connection made with the owner token) ---
+    def requests(self) -> list[m.ReleaseInfo]:
+        """Every release request on the worker, newest last (owner token only)."""
+        return self._request(m.ListReleases)
+
+    def approve(self, request_id: int) -> m.ReleaseInfo:
+        return self._request(m.Decide, int(request_id), True, "")
+
+    def deny(self, request_id: int, reason: str = "") -> m.ReleaseInfo:
+        return self._request(m.Decide, int(request_id), False, reason)
+
     # --- used by RemoteTensor and dispatch ---
+    def _fetch_when_approved(self, ref: m.Ref, timeout: float) -> torch.Tensor:
+        """`get(timeout=)`: the value once the owner approves its release (polled, with back-off)."""
+        deadline = time.monotonic() + timeout
+        try:
+            return self._fetch(ref)
+        except ApprovalRequired as e:
+            request_id = e.request_id
+        delay = APPROVAL_POLL_S[0]
+        while True:
+            info = self._request(m.ReleaseStatus, request_id)
+            if info.status == "approved":
+                return self._fetch(ref)
+            if info.status != "pending":
+                note = f": {info.note}" if info.note else ""
+                raise WorkerPermissionError(f"release request #{request_id} was {info.status}{note}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerPermissionError(
+                    f"release request #{request_id} is still pending after {timeout:g} s: the owner has not decided")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, APPROVAL_POLL_S[1])
+
+
     def _put(self, tensor: torch.Tensor, device: str = "") -> RemoteTensor:
         return self._put_many([tensor], device)[0]
 
@@ -391,6 +428,25 @@ class Worker:
         for future in pending.values():
             if not future.done():
                 future.set_exception(WorkerConnectionError(str(self._closed)))
+
+
+class ReleaseRequest:
+    """A request to release a tensor's value (`x.request(reason)`): `.id`, and `.status` as the
+    worker says now ("pending", "approved", "denied", "released"; "open" for data that needs none)."""
+
+    def __init__(self, worker: Worker, info: m.ReleaseInfo) -> None:
+        self._worker = worker
+        self.id = info.id
+        self._info = info
+
+    @property
+    def status(self) -> str:
+        if self._info.status in ("pending", "approved"):
+            self._info = self._worker._request(m.ReleaseStatus, self.id)
+        return self._info.status
+
+    def __repr__(self) -> str:
+        return f"ReleaseRequest(id={self.id}, object={self._info.object}, lineage={self._info.lineage!r}, status={self.status!r})"
 
 
 def connect(url: str, token: str | None = None, *, name: str | None = None, timeout: float = 10.0,

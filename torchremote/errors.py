@@ -4,6 +4,7 @@
     ├── WorkerConnectionError   (also ConnectionError)  worker dead, unreachable, or connection closed
     │   └── SessionInUseError                           a resume while the session's connection is live
     ├── WorkerPermissionError   (also PermissionError)  bad token, refused by the worker's policy
+    │   └── ApprovalRequired                            a release of private-derived data, not approved
     ├── ProtocolError           (also ValueError)       bytes that are not a valid torchremote message
     └── RemoteError             (also RuntimeError)     a remote exception with no local equivalent
 
@@ -15,6 +16,7 @@ only from the allow-list below.
 from __future__ import annotations
 
 import builtins
+import re
 
 import torch
 
@@ -36,6 +38,15 @@ class SessionInUseError(WorkerConnectionError):
 
 class WorkerPermissionError(TorchRemoteError, PermissionError):
     """The worker refused: authentication failed, or its policy forbids the request."""
+
+
+class ApprovalRequired(WorkerPermissionError):
+    """Releasing this value needs its owner's approval; `request_id` names the request filed."""
+
+    @property
+    def request_id(self) -> int | None:
+        found = re.search(r"request #(\d+)", str(self))
+        return int(found.group(1)) if found else None
 
 
 class ProtocolError(TorchRemoteError, ValueError):
@@ -65,7 +76,8 @@ _REBUILDABLE.update({
     "torch._C._LinAlgError": torch.linalg.LinAlgError,
     "torch.linalg.LinAlgError": torch.linalg.LinAlgError,
 })
-for _cls in (WorkerConnectionError, SessionInUseError, WorkerPermissionError, ProtocolError, RemoteError):
+for _cls in (WorkerConnectionError, SessionInUseError, WorkerPermissionError, ApprovalRequired, ProtocolError,
+             RemoteError):
     _REBUILDABLE[f"torchremote.{_cls.__name__}"] = _cls
 
 

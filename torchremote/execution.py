@@ -16,11 +16,9 @@ from . import messages as m
 from . import ops, wire
 from .device import BACKEND as _REMOTE
 from .errors import WorkerPermissionError, to_info
-from .store import ObjectStore, object_id, storage_key
-
-# Calls whose result is the data itself: on (a view of) allow_get=False data, refused like a fetch.
-_EXTRACTS_DATA = frozenset(f"torch.Tensor.{n}" for n in (
-    "tolist", "item", "__float__", "__int__", "__index__", "__complex__", "__array__", "numpy"))
+from .provenance import BACKWARD_OPS, Derived, Provenance, short_name
+from .releases import ReleaseDesk
+from .store import ObjectStore, object_id
 
 _CONTAINERS = (list, tuple, dict)
 
@@ -40,7 +38,8 @@ class Session:
 
     def __init__(self, store: ObjectStore, client_id: str, *, device: torch.device | str = "cpu",
                  peer: str = "", log: logging.Logger | None = None,
-                 max_client_bytes: int | None = None, allow_code: bool = False) -> None:
+                 max_client_bytes: int | None = None, allow_code: bool = False,
+                 releases: ReleaseDesk | None = None, is_owner: bool = False) -> None:
         self.store = store
         self.client_id = client_id
         self.device = torch.device(device)
@@ -50,6 +49,9 @@ class Session:
         self.failed: dict[int, m.ErrorInfo] = {}
         self.max_client_bytes = max_client_bytes
         self.allow_code = allow_code
+        self.provenance = Provenance(store.no_get_storages)
+        self.releases = releases if releases is not None else ReleaseDesk(self.log)
+        self.is_owner = is_owner  # holds the owner token: may list and decide release requests
         self.held_bytes = 0  # memory behind this client's objects, each storage counted once
         self._storages: dict[int, list[int]] = {}  # storage -> [bytes, objects using it]
         self._held_keys: dict[m.ClientRef, int] = {}  # object -> its storage, when accounted
@@ -58,6 +60,8 @@ class Session:
             m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
             m.Sync: self._sync, m.PutBegin: self._put_begin, m.Chunk: self._chunk, m.Run: self._run_code,
             m.Expect: self._expect, m.Push: self._push, m.Handover: self._handover,
+            m.RequestRelease: self._request_release, m.ReleaseStatus: self._release_status,
+            m.ListReleases: self._list_releases, m.Decide: self._decide,
         }
         self._incoming: dict[int, tuple[wire.Assembly, bool, str]] = {}
 
@@ -76,18 +80,27 @@ class Session:
         return out
 
     def close(self) -> int:
+        self.releases.forget_client(self.client_id)
         self._incoming.clear()
         self._storages.clear()
         self._held_keys.clear()
         self.held_bytes = 0
         return self.store.close_namespace(self.client_id)
 
-    def _check_gettable(self, t: torch.Tensor, ref: m.Ref | None) -> None:
-        if t.numel() and storage_key(t) in self.store.no_get_storages:
-            name = f"object {object_id(ref)}" if ref is not None else "this tensor"
-            raise WorkerPermissionError(
-                f"{name} is (a view of) data published with allow_get=False: compute on it, but its "
-                f"data never leaves the worker")
+    def _allow_release(self, ref: m.Ref, t: torch.Tensor, what: str) -> None:
+        """Let `t`'s value leave the worker, if it derives from no private data or its release was
+        approved; otherwise raise `ApprovalRequired`, naming the request this files."""
+        derived = self.provenance.of(t)
+        if derived is not None:
+            self.releases.release(self.client_id, ref, t, derived.lineage, tuple(sorted(derived.sources)), what)
+
+    def _derived_input(self, inputs: dict[int, m.Ref]) -> tuple[m.Ref, torch.Tensor, Derived] | None:
+        for ref in inputs.values():
+            t = self._tensor(ref)
+            derived = self.provenance.of(t)
+            if derived is not None:
+                return ref, t, derived
+        return None
 
     # --- what this client holds ---
     def _new_bytes(self, tensors: list[torch.Tensor]) -> int:
@@ -141,7 +154,10 @@ class Session:
     # --- resolving references ---
     def _tensor(self, ref: m.Ref) -> torch.Tensor:
         if isinstance(ref, m.PublishedRef):
-            return self.store.published(ref).tensor
+            published = self.store.published(ref)
+            if not published.allow_get:
+                self.provenance.watching = True  # from now on, this session's values are tracked
+            return published.tensor
         t = self.objects.get(ref)
         if t is not None:
             return t
@@ -244,12 +260,19 @@ class Session:
         `load(op)` gives the callable."""
         inputs: dict[int, m.Ref] = {}
         req_id = op_id if reply else None
+        derived = None
         try:
             func = load(op)
             args = self._resolve(wire_args, inputs)
             kwargs = self._resolve(wire_kwargs, inputs) if wire_kwargs else wire_kwargs
-            if op in _EXTRACTS_DATA and args and isinstance(args[0], torch.Tensor):
-                self._check_gettable(args[0], inputs.get(id(args[0])))
+            if self.provenance.watching:
+                tensors = [self._tensor(r) for r in inputs.values()]
+                derived = self.provenance.combine(op, tensors)
+                if derived is not None:
+                    versions = [t._version for t in tensors]
+                    if reply and load is ops.resolve:  # a value, or a data-dependent shape: a release
+                        ref, t, _ = self._derived_input(inputs)
+                        self._allow_release(ref, t, short_name(op))
             if grad_enabled is torch.is_grad_enabled():
                 result = func(*args, **kwargs)
             else:
@@ -269,6 +292,8 @@ class Session:
                 if leaf._is_zerotensor():  # autograd's storage-less zeros: held as real ones
                     leaves[k] = torch.zeros_like(leaf)
             self._check_room(leaves, op)
+            if derived is not None:
+                self._track(op, derived, leaves, tensors, versions, None if load is ops.resolve else result)
         except _Poisoned as p:  # reported where it happened; only answer if asked
             self.failed[op_id] = p.info
             if reply:
@@ -277,6 +302,11 @@ class Session:
         except Exception as e:
             tb = "" if isinstance(e, WorkerPermissionError) else traceback.format_exc(limit=-4)
             info = to_info(e, op=op, tb=tb)
+            if derived is not None and not isinstance(e, WorkerPermissionError):
+                # its message may quote the data: the owner's log has it, the client gets its type
+                self.log.info("%s %s: op %s on private-derived data failed: %s", self.peer, self.client_id, op, e)
+                info = m.ErrorInfo(info.type, f"{op} failed on data derived from private data; the "
+                                   f"worker's owner withholds the message ({info.type})", op)
             self.failed[op_id] = info
             if not isinstance(e, WorkerPermissionError):
                 self.log.debug("%s %s: op %s failed: %s", self.peer, self.client_id, op, e)
@@ -290,10 +320,28 @@ class Session:
             except TypeError as e:
                 out.append(m.Failure(req_id, op_id, to_info(e, op=op)))
 
+    def _track(self, op: str, derived: Derived, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+               versions: list[int], result: Any) -> None:
+        """Record what an op on private-derived data made or changed; refuse what `worker.run`
+        would hand back as plain values."""
+        mark = self.provenance.mark
+        for t in outputs:
+            mark(t, derived)
+        for t, version in zip(inputs, versions):
+            if t._version != version:  # changed in place: add_, out=, copy_, running stats
+                mark(t, derived)
+        if op in BACKWARD_OPS:
+            self.provenance.mark_gradients([*self.objects.values(), *inputs], derived)
+        if result is not None and any(not isinstance(v, torch.Tensor) and v is not None
+                                      for v in tree_flatten(result)[0]):
+            raise WorkerPermissionError(
+                "this function returned plain values computed from private data: return tensors, and "
+                "request the release of those you need")
+
     def _fetch(self, cmd: m.Fetch, out: list) -> None:
         try:
             t = self._tensor(cmd.ref)
-            self._check_gettable(t, cmd.ref)
+            self._allow_release(cmd.ref, t, "get")
             t = t.detach()
             if t.numel() * t.element_size() <= m.CHUNK_BYTES:
                 out.append(m.Reply(cmd.req_id, t))
@@ -332,7 +380,7 @@ class Session:
         from .client import connect  # the source acts as a client of the destination
         try:
             t = self._tensor(cmd.ref)
-            self._check_gettable(t, cmd.ref)
+            self._allow_release(cmd.ref, t, "a move to another worker")
             with connect(cmd.url, token=cmd.token, name=f"{self.store.owner}-move") as destination:
                 pointer = destination._put(t.detach())
                 destination._request(m.Handover, pointer._ref, cmd.ticket)
@@ -350,6 +398,37 @@ class Session:
             out.append(m.Reply(cmd.req_id, None))
         except Exception as e:
             out.append(m.Failure(cmd.req_id, None, to_info(e, op="move")))
+
+
+    # --- releases of private-derived data ---
+    def _request_release(self, cmd: m.RequestRelease, out: list) -> None:
+        t = self._tensor(cmd.ref)
+        derived = self.provenance.of(t)
+        if derived is None:  # open data: nothing to approve
+            out.append(m.Reply(cmd.req_id, m.ReleaseInfo(0, self.client_id, object_id(cmd.ref), cmd.reason,
+                                                         tuple(t.shape), t.dtype, t.numel(), "", "open")))
+            return
+        request = self.releases.file(self.client_id, cmd.ref, t, derived.lineage, tuple(sorted(derived.sources)),
+                                     cmd.reason)
+        out.append(m.Reply(cmd.req_id, request.row()))
+
+    def _release_status(self, cmd: m.ReleaseStatus, out: list) -> None:
+        out.append(m.Reply(cmd.req_id, self.releases.status(self.client_id, cmd.request_id)))
+
+    def _owner_only(self, what: str) -> None:
+        if not self.is_owner:
+            raise WorkerPermissionError(f"only the worker's owner may {what}: connect with the owner token")
+
+    def _list_releases(self, cmd: m.ListReleases, out: list) -> None:
+        self._owner_only("list release requests")
+        out.append(m.Reply(cmd.req_id, [r.row() for r in self.releases.requests()]))
+
+    def _decide(self, cmd: m.Decide, out: list) -> None:
+        self._owner_only("approve or deny release requests")
+        by = f"owner ({self.client_id})"
+        decided = (self.releases.approve(cmd.request_id, by=by) if cmd.approve
+                   else self.releases.deny(cmd.request_id, cmd.reason, by=by))
+        out.append(m.Reply(cmd.req_id, decided.row()))
 
 
 def _reply_id(cmd: Any) -> int | None:

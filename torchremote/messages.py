@@ -110,6 +110,22 @@ class ObjectInfo:
     description: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ReleaseInfo:
+    """A release request, as its client and the worker's owner see it."""
+    id: int
+    client: str
+    object: str
+    reason: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    numel: int
+    lineage: str
+    status: str
+    decided_by: str = ""
+    note: str = ""
+
+
 # --- handshake -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +269,36 @@ class Handover:
     ticket: str
 
 
+@dataclass(frozen=True, slots=True)
+class RequestRelease:
+    """File (or add a reason to) the request to release `ref`; answered with its `ReleaseInfo`."""
+    req_id: int
+    ref: Ref
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseStatus:
+    """How this client's release request `request_id` stands; answered with its `ReleaseInfo`."""
+    req_id: int
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListReleases:
+    """The owner only: every release request, newest last."""
+    req_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decide:
+    """The owner only: approve or deny release request `request_id`."""
+    req_id: int
+    request_id: int
+    approve: bool
+    reason: str = ""
+
+
 # --- either way ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +326,8 @@ class Failure:
 # Wire codes: append only, never reuse a number.
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
-    PutBegin, Chunk, Run, Expect, Push, Handover, Ack,
+    PutBegin, Chunk, Run, Expect, Push, Handover, Ack, RequestRelease, ReleaseStatus, ListReleases, Decide,
 )
 VALUE_TYPES: tuple[type, ...] = (
-    TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor,
+    TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor, ReleaseInfo,
 )

@@ -202,7 +202,8 @@ class ServerProtocol:
     """The worker's end: validates the handshake, decodes command batches, encodes replies."""
 
     _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync,
-                 m.PutBegin, m.Chunk, m.Run, m.Expect, m.Push, m.Handover, m.Ack)
+                 m.PutBegin, m.Chunk, m.Run, m.Expect, m.Push, m.Handover, m.Ack, m.RequestRelease,
+                 m.ReleaseStatus, m.ListReleases, m.Decide)
 
     def receive_hello(self, data: bytes) -> m.Hello:
         items = wire.decode(data)

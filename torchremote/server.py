@@ -16,7 +16,7 @@ import signal
 import ssl
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -26,6 +26,7 @@ from . import published_files
 from .errors import ProtocolError, WorkerConnectionError, WorkerPermissionError, to_info
 from .execution import Session
 from .protocol import ChunkPlacement, ServerProtocol
+from .releases import ReleaseDesk, ReleaseRequest
 from .resume import DEFAULT_GRACE_S, ResumableSession, SessionTable
 from .store import ObjectStore, ObjectTable, object_id
 from .websocket import ConnectionClosed, Placed
@@ -51,7 +52,7 @@ class WorkerServer:
     """A running worker. Create with `torchremote.start_worker(...)`; it serves from a thread."""
 
     def __init__(self, id: str = "worker", host: str = "127.0.0.1", port: int = 0, *,
-                 token: str | None = None, device: str | torch.device = "cpu",
+                 token: str | None = None, owner_token: str | None = None, device: str | torch.device = "cpu",
                  max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES,
                  max_client_bytes: int | None = None, max_clients: int | None = None,
                  resume_grace: float = DEFAULT_GRACE_S, certfile: str | None = None,
@@ -69,6 +70,9 @@ class WorkerServer:
         self.id = id
         self.device = torch.device(device)
         self._token = token.encode() if token is not None else None
+        self._owner_token = owner_token.encode() if owner_token else None
+        if self._owner_token is not None and self._owner_token == self._token:
+            raise WorkerPermissionError("the owner token must differ from the clients' token")
         self.max_message_bytes = max_message_bytes
         # None: the default, a share of this machine's memory; 0: no limit
         self.max_client_bytes = (default_max_client_bytes() if max_client_bytes is None
@@ -91,6 +95,7 @@ class WorkerServer:
         self.tls = tls is not None
         self.store = ObjectStore(owner=id)
         self.log = _make_logger(id, verbose, log_file)
+        self.releases = ReleaseDesk(self.log)
         self._client_numbers = itertools.count(1)
         self._stopped = threading.Event()
         freeze_long_lived()
@@ -144,6 +149,24 @@ class WorkerServer:
                                          private or f.private)
         return ids
 
+    # --- what leaves: requests to release private-derived data ---
+    def requests(self) -> list[ReleaseRequest]:
+        """Every release request, newest last: id, client, object, reason, shape, dtype, numel,
+        lineage, status (pending, approved, denied, released), decided_by."""
+        return self.releases.requests()
+
+    def approve(self, request_id: int) -> ReleaseRequest:
+        """Let the client have that object's value once, as it is now."""
+        return self.releases.approve(request_id, by="owner (python)")
+
+    def deny(self, request_id: int, reason: str = "") -> ReleaseRequest:
+        return self.releases.deny(request_id, reason, by="owner (python)")
+
+    def auto_approve(self, rule: Callable[[ReleaseRequest], bool]) -> None:
+        """Approve every request for which `rule(request)` is true, as it is filed (and those
+        pending now). The rule is the owner's own Python, run in this process."""
+        self.releases.auto_approve(rule)
+
     def objects(self) -> ObjectTable:
         """The whole registry: published data and every connected client's objects."""
         return ObjectTable(self.store.rows())
@@ -188,8 +211,9 @@ class WorkerServer:
             if first is None:
                 raise TimeoutError(f"no Hello within {m.HANDSHAKE_TIMEOUT_S:g} s")
             hello = protocol.receive_hello(first)
-            if self._token is not None and not hmac.compare_digest(
-                    (hello.token or "").encode(), self._token):
+            presented = (hello.token or "").encode()
+            is_owner = self._owner_token is not None and hmac.compare_digest(presented, self._owner_token)
+            if self._token is not None and not is_owner and not hmac.compare_digest(presented, self._token):
                 raise WorkerPermissionError("authentication failed: wrong or missing token")
             state = self._resumable.attach(hello.resume) if hello.resume is not None else None
         except (ProtocolError, WorkerPermissionError, WorkerConnectionError, TimeoutError) as e:
@@ -210,9 +234,10 @@ class WorkerServer:
             return
         client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
-                          max_client_bytes=self.max_client_bytes, allow_code=self.allow_code)
+                          max_client_bytes=self.max_client_bytes, allow_code=self.allow_code,
+                          releases=self.releases, is_owner=is_owner)
         state = self._resumable.open(session)
-        self.log.info("%s connected as %s", peer, client_id)
+        self.log.info("%s connected as %s%s", peer, client_id, " (owner)" if is_owner else "")
         welcome = protocol.welcome(self.id, client_id, self.max_message_bytes, state.token, self.resume_grace)
         self._serve_session(conn, protocol, state, [welcome])
 

@@ -42,7 +42,8 @@ class ObjectStore:
         self._namespaces: dict[str, dict[m.ClientRef, torch.Tensor]] = {}
         self._next_pub = 1
         self.published_storages: set[int] = set()  # owned by the owner: never counted to a client
-        self.no_get_storages: set[int] = set()     # behind data published with allow_get=False
+        # behind data published with allow_get=False (private): storage -> the name lineage shows
+        self.no_get_storages: dict[int, str] = {}
         self._tickets: dict[str, tuple[str, m.ClientRef]] = {}  # move tickets -> (client, slot)
 
     # --- published data ---
@@ -54,7 +55,7 @@ class ObjectStore:
             if tensor.numel():
                 self.published_storages.add(storage_key(tensor))
                 if not allow_get:
-                    self.no_get_storages.add(storage_key(tensor))
+                    self.no_get_storages[storage_key(tensor)] = tags[0] if tags else f"p{pub_id}"
         return m.PublishedRef(pub_id)
 
     def published(self, ref: m.PublishedRef) -> Published:

@@ -16,7 +16,7 @@ from . import inference, wire
 from .store import object_id
 
 if TYPE_CHECKING:
-    from .client import Worker
+    from .client import ReleaseRequest, Worker
 
 
 class RemoteTensor(torch.Tensor):
@@ -74,9 +74,21 @@ class RemoteTensor(torch.Tensor):
         """The object's id on its worker, as `worker.objects()` lists it."""
         return object_id(self._ref)
 
-    def get(self) -> torch.Tensor:
-        """A local copy of the data. The pointer stays valid; the worker keeps its object."""
-        return self._worker._fetch(self._ref)
+    def get(self, timeout: float | None = None) -> torch.Tensor:
+        """A local copy of the data. The pointer stays valid; the worker keeps its object.
+
+        Data derived from a worker's private data leaves only with its owner's approval:
+        `tr.ApprovalRequired` names the request filed. With `timeout`, wait that many seconds for
+        the owner's decision: the value once approved; `PermissionError` if denied or still pending."""
+        if timeout is None:
+            return self._worker._fetch(self._ref)
+        return self._worker._fetch_when_approved(self._ref, timeout)
+
+    def request(self, reason: str = "") -> "ReleaseRequest":
+        """Ask the worker's owner to release this tensor's value (or say why, for a request filed
+        already); returns a handle with `.id` and `.status`."""
+        from .client import ReleaseRequest
+        return ReleaseRequest(self._worker, self._worker._request(m.RequestRelease, self._ref, reason))
 
     def send(self, worker: "Worker") -> "RemoteTensor":
         """Already on `worker`: itself. On another worker: `move` it there."""

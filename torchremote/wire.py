@@ -382,6 +382,12 @@ _FIELD_CHECKS: dict[type, tuple] = {
              _of(str)),
     m.Handover: (_is_int, _of(m.ClientRef), _of(str)),
     m.Ack: (_is_count,),
+    m.RequestRelease: (_is_int, _of(m.ClientRef, m.PublishedRef), _of(str)),
+    m.ReleaseStatus: (_is_int, _is_int),
+    m.ListReleases: (_is_int,),
+    m.Decide: (_is_int, _is_int, _of(bool), _of(str)),
+    m.ReleaseInfo: (_is_int, _of(str), _of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _of(str), _of(str),
+                    _of(str), _of(str)),
     m.Chunk: (_is_int, _is_int, lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
               and v.dim() == 1),
 }

@@ -1,0 +1,192 @@
+"""Requests to release private-derived data, and the owner's decisions on them.
+
+A client that wants the value of something derived from private data (a fetch, `item()`, a move
+to another worker, a data-dependent shape) needs a request the owner approved: by hand
+(`server.approve(id)`, or `torchremote approve URL ID` with the owner token), or by a rule of his
+own in Python (`server.auto_approve(rule)`). An approval releases the object as it is at that
+moment, once: a later in-place change needs a new request. Pending and denied requests never block
+computation. Every request and decision is logged.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import messages as m
+from .errors import ApprovalRequired, WorkerPermissionError
+from .store import object_id
+
+PENDING, APPROVED, DENIED, RELEASED = "pending", "approved", "denied", "released"
+
+
+@dataclass
+class ReleaseRequest:
+    """What the owner sees of one request."""
+    id: int
+    client: str
+    object: str
+    reason: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    numel: int
+    lineage: str
+    sources: tuple[str, ...]
+    status: str = PENDING
+    decided_by: str = ""
+    note: str = ""                     # the owner's reason, for a denial
+    _tensor: Any = field(default=None, repr=False)       # the object, while it may be released
+    _version: int | None = field(default=None, repr=False)  # its version when approved
+
+    def row(self) -> m.ReleaseInfo:
+        return m.ReleaseInfo(self.id, self.client, self.object, self.reason, self.shape, self.dtype,
+                             self.numel, self.lineage, self.status, self.decided_by, self.note)
+
+
+Rule = Callable[[ReleaseRequest], bool]
+
+
+class ReleaseDesk:
+    """The worker's requests, newest last, shared by every session."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self._requests: dict[int, ReleaseRequest] = {}
+        self._open: dict[tuple[str, m.Ref], int] = {}   # (client, object) -> its undecided request
+        self._ids = itertools.count(1)
+        self._rules: list[Rule] = []
+        self._lock = threading.RLock()
+
+    # --- the client's side ---
+    def file(self, client: str, ref: m.Ref, tensor: torch.Tensor, lineage: str, sources: tuple[str, ...],
+             reason: str = "") -> ReleaseRequest:
+        """The request for this object: the client's open one (with `reason` added), or a new one."""
+        with self._lock:
+            known = self._open.get((client, ref))
+            if known is not None:
+                request = self._requests[known]
+                if reason and reason not in request.reason:
+                    request.reason = f"{request.reason}; {reason}" if request.reason else reason
+                    self.log.info("release request #%d: %s says why: %s", request.id, client, reason)
+                return request
+            request = ReleaseRequest(next(self._ids), client, object_id(ref), reason, tuple(tensor.shape),
+                                     tensor.dtype, tensor.numel(), lineage, sources, _tensor=tensor)
+            self._requests[request.id] = request
+            self._open[(client, ref)] = request.id
+            self.log.warning("release request #%d from %s: %s %s %s (%s)%s", request.id, client, request.object,
+                             list(request.shape), request.dtype, lineage, f": {reason}" if reason else "")
+            rules = list(self._rules)
+        for rule in rules:
+            try:
+                if rule(request):
+                    self.approve(request.id, by="rule")
+                    break
+            except Exception as e:  # the owner's rule failed: the request waits for him
+                self.log.warning("release request #%d: auto_approve rule %r failed: %s: %s", request.id,
+                                 getattr(rule, "__name__", rule), type(e).__name__, e)
+        return request
+
+    def take(self, client: str, ref: m.Ref, tensor: torch.Tensor) -> bool:
+        """Whether this client may have this object's value now; an approval is used up by it."""
+        with self._lock:
+            known = self._open.get((client, ref))
+            if known is None:
+                return False
+            request = self._requests[known]
+            if request.status != APPROVED:
+                return False
+            if request._version != tensor._version or request._tensor is not tensor:
+                # changed since the approval: that approval no longer says anything about it
+                request.status, request.note = DENIED, "the object changed after the approval"
+                self._close(request)
+                return False
+            request.status = RELEASED
+            self._close(request)
+            self.log.info("release request #%d: %s received %s", request.id, client, request.object)
+            return True
+
+    def release(self, client: str, ref: m.Ref, tensor: torch.Tensor, lineage: str,
+                sources: tuple[str, ...], what: str) -> None:
+        """Allow one release of this object (using up its approval), or raise `ApprovalRequired`
+        naming the request it filed (a rule of the owner's may approve it at once)."""
+        if self.take(client, ref, tensor):
+            return
+        request = self.file(client, ref, tensor, lineage, sources)
+        if self.take(client, ref, tensor):
+            return
+        state = "was filed" if request.status == PENDING else f"is {request.status}"
+        raise ApprovalRequired(
+            f"{what} of object {request.object} releases data derived from private data "
+            f"({', '.join(request.sources)}: {request.lineage}); it needs the owner's approval: release "
+            f"request #{request.id} {state}. Say why with .request(reason=...), wait with .get(timeout=...)")
+
+    def status(self, client: str, request_id: int) -> m.ReleaseInfo:
+        with self._lock:
+            request = self._requests.get(request_id)
+            if request is None or request.client != client:
+                raise LookupError(f"no release request #{request_id} of this client")
+            return request.row()
+
+    # --- the owner's side ---
+    def requests(self) -> list[ReleaseRequest]:
+        with self._lock:
+            return list(self._requests.values())
+
+    def approve(self, request_id: int, by: str = "owner") -> ReleaseRequest:
+        with self._lock:
+            request = self._undecided(request_id)
+            request.status, request.decided_by = APPROVED, by
+            request._version = request._tensor._version
+        self.log.warning("release request #%d approved by %s: %s %s to %s", request_id, by, request.object,
+                         request.lineage, request.client)
+        return request
+
+    def deny(self, request_id: int, reason: str = "", by: str = "owner") -> ReleaseRequest:
+        with self._lock:
+            request = self._undecided(request_id)
+            request.status, request.decided_by, request.note = DENIED, by, reason
+            self._close(request)
+        self.log.warning("release request #%d denied by %s: %s %s to %s%s", request_id, by, request.object,
+                         request.lineage, request.client, f": {reason}" if reason else "")
+        return request
+
+    def auto_approve(self, rule: Rule) -> None:
+        """Approve, as they are filed, the requests for which `rule(request)` is true. Pending
+        requests are put to the rule at once too."""
+        with self._lock:
+            self._rules.append(rule)
+            pending = [r for r in self._requests.values() if r.status == PENDING]
+        for request in pending:
+            try:
+                if rule(request):
+                    self.approve(request.id, by="rule")
+            except Exception as e:
+                self.log.warning("release request #%d: auto_approve rule failed: %s", request.id, e)
+
+    def forget_client(self, client: str) -> None:
+        """A session ended: its undecided requests lapse."""
+        with self._lock:
+            for (who, _), request_id in list(self._open.items()):
+                if who == client:
+                    request = self._requests[request_id]
+                    if request.status in (PENDING, APPROVED):
+                        request.status, request.note = DENIED, "the client left"
+                    self._close(request)
+
+    def _undecided(self, request_id: int) -> ReleaseRequest:
+        request = self._requests.get(request_id)
+        if request is None:
+            raise LookupError(f"no release request #{request_id}")
+        if request.status != PENDING:
+            raise WorkerPermissionError(f"release request #{request_id} is already {request.status}")
+        return request
+
+    def _close(self, request: ReleaseRequest) -> None:
+        request._tensor = None
+        for key, request_id in list(self._open.items()):
+            if request_id == request.id:
+                del self._open[key]
