@@ -1,8 +1,10 @@
 """Federated averaging over three hospitals whose data never leaves them.
 
-Each hospital is a worker process that publishes its own shard (tags "#train", allow_get=False).
+Each hospital is a worker process that publishes its own shard as private data (tags "#train").
 Every round, the coordinator sends a copy of the global model to each hospital, trains the copies
-there in parallel, fetches only the trained weights and averages them.
+there in parallel, fetches only the trained weights and averages them. The weights derive from
+the hospital's data, so each fetch is a release request; each hospital approves, by a rule of its
+own, only model weights trained for at least MIN_LOCAL_STEPS steps, and nothing else.
 
     python examples/federated_averaging.py [--rounds 5] [--local-steps 10]
     python examples/federated_averaging.py --hospital 2 --port 3002   # one hospital on its own
@@ -24,6 +26,7 @@ import torchremote as tr
 from torchremote.federated import average_state_dicts
 
 FEATURES, CLASSES = 20, 3
+MIN_LOCAL_STEPS = 5
 
 
 def shard(hospital: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +67,15 @@ def federated_averaging(global_model: nn.Module, shards: list, rounds: int, loca
 def serve_hospital(hospital: int, port: int) -> None:
     server = tr.start_worker(id=f"hospital-{hospital}", port=port)
     x, y = shard(hospital)
-    server.publish(x, tags=["#train", "#x"], description=f"hospital {hospital} features", allow_get=False)
-    server.publish(y, tags=["#train", "#y"], description=f"hospital {hospital} labels", allow_get=False)
+    server.publish(x, tags=["#train", "#x"], description=f"hospital {hospital} features", private=True)
+    server.publish(y, tags=["#train", "#y"], description=f"hospital {hospital} labels", private=True)
+    shapes = {tuple(p.shape) for p in make_model().parameters()}
+
+    def trained_weights_only(request) -> bool:
+        """This hospital's rule: a tensor shaped like a model parameter, trained for long enough."""
+        return request.shape in shapes and request.steps >= MIN_LOCAL_STEPS
+
+    server.auto_approve(trained_weights_only)
     print(server.url, flush=True)
     server.serve_forever()
 

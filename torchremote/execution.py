@@ -92,7 +92,7 @@ class Session:
         approved; otherwise raise `ApprovalRequired`, naming the request this files."""
         derived = self.provenance.of(t)
         if derived is not None:
-            self.releases.release(self.client_id, ref, t, derived.lineage, tuple(sorted(derived.sources)), what)
+            self.releases.release(self.client_id, ref, t, derived, what)
 
     def _derived_input(self, inputs: dict[int, m.Ref]) -> tuple[m.Ref, torch.Tensor, Derived] | None:
         for ref in inputs.values():
@@ -406,10 +406,9 @@ class Session:
         derived = self.provenance.of(t)
         if derived is None:  # open data: nothing to approve
             out.append(m.Reply(cmd.req_id, m.ReleaseInfo(0, self.client_id, object_id(cmd.ref), cmd.reason,
-                                                         tuple(t.shape), t.dtype, t.numel(), "", "open")))
+                                                         tuple(t.shape), t.dtype, t.numel(), "", 0, "open")))
             return
-        request = self.releases.file(self.client_id, cmd.ref, t, derived.lineage, tuple(sorted(derived.sources)),
-                                     cmd.reason)
+        request = self.releases.file(self.client_id, cmd.ref, t, derived, cmd.reason)
         out.append(m.Reply(cmd.req_id, request.row()))
 
     def _release_status(self, cmd: m.ReleaseStatus, out: list) -> None:

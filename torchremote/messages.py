@@ -121,6 +121,7 @@ class ReleaseInfo:
     dtype: torch.dtype
     numel: int
     lineage: str
+    steps: int       # backward passes in its history
     status: str
     decided_by: str = ""
     note: str = ""

@@ -34,10 +34,15 @@ BACKWARD_OPS = frozenset({"torch.Tensor.backward", "torch.autograd.backward", "t
 class Derived:
     sources: frozenset[str]   # the private published objects it derives from, by name
     lineage: str              # how, e.g. "mean(add(#X, #Y))"
+    steps: int = 0            # backward passes in its history (a parameter after N training steps: N)
 
 
 def short_name(op: str) -> str:
-    return op.rsplit(".", 1)[-1]
+    """'torch.Tensor.add' -> 'add'; an ATen overload ('..._foreach_add_.List') -> its op's name."""
+    parts = op.split(".")
+    if len(parts) > 1 and (parts[-1][:1].isupper() or parts[-1] == "default"):
+        return parts[-2]
+    return parts[-1]
 
 
 def _shorten(text: str) -> str:
@@ -67,7 +72,8 @@ class Provenance:
         if not any(parts):
             return None
         sources = frozenset().union(*(p.sources for p in parts if p))
-        return Derived(sources, _shorten(f"{short_name(op)}({', '.join(p.lineage if p else OPEN for p in parts)})"))
+        lineage = _shorten(f"{short_name(op)}({', '.join(p.lineage if p else OPEN for p in parts)})")
+        return Derived(sources, lineage, max(p.steps for p in parts if p))
 
     def mark(self, t: torch.Tensor, derived: Derived) -> None:
         """`t`'s storage now holds values derived from `derived.sources`."""
@@ -80,13 +86,13 @@ class Provenance:
         known = self._derived.get(key)
         if known is None:
             weakref.finalize(storage, self._derived.pop, key, None)
-        elif not derived.sources <= known.sources:
-            derived = Derived(known.sources | derived.sources, derived.lineage)
+        elif not derived.sources <= known.sources or known.steps > derived.steps:
+            derived = Derived(known.sources | derived.sources, derived.lineage, max(known.steps, derived.steps))
         self._derived[key] = derived
 
     def mark_gradients(self, tensors: Iterable[torch.Tensor], derived: Derived) -> None:
         """After a backward pass over derived data: every gradient it may have written."""
-        grads = Derived(derived.sources, _shorten(f"grad({derived.lineage})"))
+        grads = Derived(derived.sources, _shorten(f"grad({derived.lineage})"), derived.steps + 1)
         for t in tensors:
             if t.requires_grad and t.grad is not None:
                 self.mark(t.grad, grads)

@@ -19,6 +19,7 @@ import torch
 
 from . import messages as m
 from .errors import ApprovalRequired, WorkerPermissionError
+from .provenance import Derived
 from .store import object_id
 
 PENDING, APPROVED, DENIED, RELEASED = "pending", "approved", "denied", "released"
@@ -36,6 +37,7 @@ class ReleaseRequest:
     numel: int
     lineage: str
     sources: tuple[str, ...]
+    steps: int = 0                     # backward passes in its history
     status: str = PENDING
     decided_by: str = ""
     note: str = ""                     # the owner's reason, for a denial
@@ -44,7 +46,7 @@ class ReleaseRequest:
 
     def row(self) -> m.ReleaseInfo:
         return m.ReleaseInfo(self.id, self.client, self.object, self.reason, self.shape, self.dtype,
-                             self.numel, self.lineage, self.status, self.decided_by, self.note)
+                             self.numel, self.lineage, self.steps, self.status, self.decided_by, self.note)
 
 
 Rule = Callable[[ReleaseRequest], bool]
@@ -62,7 +64,7 @@ class ReleaseDesk:
         self._lock = threading.RLock()
 
     # --- the client's side ---
-    def file(self, client: str, ref: m.Ref, tensor: torch.Tensor, lineage: str, sources: tuple[str, ...],
+    def file(self, client: str, ref: m.Ref, tensor: torch.Tensor, derived: Derived,
              reason: str = "") -> ReleaseRequest:
         """The request for this object: the client's open one (with `reason` added), or a new one."""
         with self._lock:
@@ -74,21 +76,29 @@ class ReleaseDesk:
                     self.log.info("release request #%d: %s says why: %s", request.id, client, reason)
                 return request
             request = ReleaseRequest(next(self._ids), client, object_id(ref), reason, tuple(tensor.shape),
-                                     tensor.dtype, tensor.numel(), lineage, sources, _tensor=tensor)
+                                     tensor.dtype, tensor.numel(), derived.lineage, tuple(sorted(derived.sources)),
+                                     derived.steps, _tensor=tensor)
             self._requests[request.id] = request
             self._open[(client, ref)] = request.id
-            self.log.warning("release request #%d from %s: %s %s %s (%s)%s", request.id, client, request.object,
-                             list(request.shape), request.dtype, lineage, f": {reason}" if reason else "")
             rules = list(self._rules)
         for rule in rules:
-            try:
-                if rule(request):
-                    self.approve(request.id, by="rule")
-                    break
-            except Exception as e:  # the owner's rule failed: the request waits for him
-                self.log.warning("release request #%d: auto_approve rule %r failed: %s: %s", request.id,
-                                 getattr(rule, "__name__", rule), type(e).__name__, e)
+            if self._applies(rule, request):
+                self.approve(request.id, by=f"rule {getattr(rule, '__name__', 'auto_approve')}")
+                break
+        # a request the owner must answer is a warning: his terminal shows it
+        self.log.log(logging.WARNING if request.status == PENDING else logging.INFO,
+                     "release request #%d from %s: %s %s %s (%s)%s: %s", request.id, client, request.object,
+                     list(request.shape), request.dtype, request.lineage, f", because: {reason}" if reason else "",
+                     request.status)
         return request
+
+    def _applies(self, rule: Rule, request: ReleaseRequest) -> bool:
+        try:
+            return bool(rule(request))
+        except Exception as e:  # the owner's rule failed: the request waits for him
+            self.log.warning("release request #%d: auto_approve rule %r failed: %s: %s", request.id,
+                             getattr(rule, "__name__", rule), type(e).__name__, e)
+            return False
 
     def take(self, client: str, ref: m.Ref, tensor: torch.Tensor) -> bool:
         """Whether this client may have this object's value now; an approval is used up by it."""
@@ -109,13 +119,12 @@ class ReleaseDesk:
             self.log.info("release request #%d: %s received %s", request.id, client, request.object)
             return True
 
-    def release(self, client: str, ref: m.Ref, tensor: torch.Tensor, lineage: str,
-                sources: tuple[str, ...], what: str) -> None:
+    def release(self, client: str, ref: m.Ref, tensor: torch.Tensor, derived: Derived, what: str) -> None:
         """Allow one release of this object (using up its approval), or raise `ApprovalRequired`
         naming the request it filed (a rule of the owner's may approve it at once)."""
         if self.take(client, ref, tensor):
             return
-        request = self.file(client, ref, tensor, lineage, sources)
+        request = self.file(client, ref, tensor, derived)
         if self.take(client, ref, tensor):
             return
         state = "was filed" if request.status == PENDING else f"is {request.status}"
@@ -141,8 +150,9 @@ class ReleaseDesk:
             request = self._undecided(request_id)
             request.status, request.decided_by = APPROVED, by
             request._version = request._tensor._version
-        self.log.warning("release request #%d approved by %s: %s %s to %s", request_id, by, request.object,
-                         request.lineage, request.client)
+        self.log.log(logging.INFO if by.startswith("rule") else logging.WARNING,
+                     "release request #%d approved by %s: %s %s to %s", request_id, by, request.object,
+                     request.lineage, request.client)
         return request
 
     def deny(self, request_id: int, reason: str = "", by: str = "owner") -> ReleaseRequest:
@@ -161,11 +171,8 @@ class ReleaseDesk:
             self._rules.append(rule)
             pending = [r for r in self._requests.values() if r.status == PENDING]
         for request in pending:
-            try:
-                if rule(request):
-                    self.approve(request.id, by="rule")
-            except Exception as e:
-                self.log.warning("release request #%d: auto_approve rule failed: %s", request.id, e)
+            if self._applies(rule, request):
+                self.approve(request.id, by=f"rule {getattr(rule, '__name__', 'auto_approve')}")
 
     def forget_client(self, client: str) -> None:
         """A session ended: its undecided requests lapse."""

@@ -386,8 +386,8 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.ReleaseStatus: (_is_int, _is_int),
     m.ListReleases: (_is_int,),
     m.Decide: (_is_int, _is_int, _of(bool), _of(str)),
-    m.ReleaseInfo: (_is_int, _of(str), _of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _of(str), _of(str),
-                    _of(str), _of(str)),
+    m.ReleaseInfo: (_is_int, _of(str), _of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _of(str), _is_int,
+                    _of(str), _of(str), _of(str)),
     m.Chunk: (_is_int, _is_int, lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
               and v.dim() == 1),
 }
