@@ -19,14 +19,14 @@ from . import published_files
 from .server import describe_bytes, start_worker
 
 
-def _read_token(path: str | None) -> str | None:
+def _read_token(path: str | None, env: bool = True) -> str | None:
     if path:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
         if not token:
             raise SystemExit(f"torchremote: the token file {path} is empty")
         return token
-    return os.environ.get("TORCHREMOTE_TOKEN") or None
+    return os.environ.get("TORCHREMOTE_TOKEN") or None if env else None
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -43,7 +43,9 @@ def _worker(args: argparse.Namespace) -> int:
         for directory in args.data_dir or []:
             paths += published_files.in_directory(directory)
         files = [published_files.read(p) for p in paths]
+        owner_token = _read_token(args.owner_token_file, env=False) if args.owner_token_file else None
         server = start_worker(args.id, args.host, args.port, token=_read_token(args.token_file),
+                              owner_token=owner_token,
                               device=args.device, insecure=args.insecure, verbose=args.verbose,
                               log_file=args.log_file, certfile=args.certfile, keyfile=args.keyfile,
                               max_message_bytes=args.max_message_bytes, max_clients=args.max_clients,
@@ -77,6 +79,42 @@ def _ls(args: argparse.Namespace) -> int:
         print(f"torchremote: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _as_owner(args: argparse.Namespace, act) -> int:
+    """Connect with the owner token and do `act(worker)` (the release requests commands)."""
+    from .client import connect
+    try:
+        with connect(args.url, token=_read_token(args.owner_token_file, env=False), name="owner",
+                     timeout=args.timeout) as w:
+            act(w)
+    except (TorchRemoteError, OSError, LookupError) as e:
+        print(f"torchremote: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _requests(args: argparse.Namespace) -> int:
+    def show(w) -> None:
+        rows = [(str(r.id), r.client, r.object, str(list(r.shape)), str(r.dtype).removeprefix("torch."),
+                 r.lineage, str(r.steps), r.status + (f" by {r.decided_by}" if r.decided_by else ""),
+                 r.reason) for r in w.requests()]
+        print(_table(("id", "client", "object", "shape", "dtype", "lineage", "steps", "status", "reason"), rows))
+    return _as_owner(args, show)
+
+
+def _decide(args: argparse.Namespace) -> int:
+    def decide(w) -> None:
+        r = w.approve(args.id) if args.command == "approve" else w.deny(args.id, args.reason)
+        print(f"release request #{r.id} ({r.object}, {r.lineage}) for {r.client}: {r.status}")
+    return _as_owner(args, decide)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines) + ("" if rows else "\n(no release requests)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,12 +158,25 @@ def main(argv: list[str] | None = None) -> int:
                         "@torchremote.remote): they are unpickled with cloudpickle; needs a token")
     w.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without a token")
+    w.add_argument("--owner-token-file", help="file holding the owner's token, which lists, approves and "
+                                              "denies release requests (`torchremote requests/approve/deny`)")
     w.set_defaults(run=_worker)
     ls = commands.add_parser("ls", help="print a worker's registry: published data, with tags")
     ls.add_argument("url", help="the worker's URL, ws://HOST:PORT or wss://...")
     ls.add_argument("--token-file", help="file holding the worker's token (default: $TORCHREMOTE_TOKEN)")
     ls.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the worker")
     ls.set_defaults(run=_ls)
+    for name, what in (("requests", "list a worker's release requests"), ("approve", "approve a release request"),
+                       ("deny", "deny a release request")):
+        c = commands.add_parser(name, help=f"{what} (the owner token)")
+        c.add_argument("url", help="the worker's URL, ws://HOST:PORT or wss://...")
+        if name != "requests":
+            c.add_argument("id", type=int, help="the request's number")
+        if name == "deny":
+            c.add_argument("--reason", default="", help="told to the client")
+        c.add_argument("--owner-token-file", required=True, help="file holding the worker's owner token")
+        c.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the worker")
+        c.set_defaults(run=_requests if name == "requests" else _decide)
     args = parser.parse_args(argv)
     return args.run(args)
 

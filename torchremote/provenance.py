@@ -12,29 +12,51 @@ Whatever a client computes from it derives from it, through every path a value c
   client's tensors), and a parameter updated from such a gradient derives from it in turn.
 
 Tracking starts for a session the first time it names private data: a session that never does pays
-one attribute check per op. Entries go when their storage is freed (a finalizer), so a storage's
-memory reused later is not mistaken for derived data.
+one attribute check per op.
 """
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 
-from .store import storage_key
 
 MAX_LINEAGE = 160
+LINEAGE_DEPTH = 12   # levels of lineage kept as a tree before it is written out
+SWEEP_START = 1024   # entries of freed storages are swept once the table outgrows this (doubling)
 OPEN = "_"   # an open input, in a lineage
 BACKWARD_OPS = frozenset({"torch.Tensor.backward", "torch.autograd.backward", "torch.autograd.grad"})
 
 
-@dataclass(frozen=True, slots=True)
 class Derived:
-    sources: frozenset[str]   # the private published objects it derives from, by name
-    lineage: str              # how, e.g. "mean(add(#X, #Y))"
-    steps: int = 0            # backward passes in its history (a parameter after N training steps: N)
+    """What a value derives from: `sources` (private published objects, by name), `lineage` (how,
+    e.g. "mean(add(#X, #Y))"), `steps` (backward passes in its history: a parameter after N
+    training steps has N). The lineage is kept as a small tree and written out only when asked
+    for (a release request); every LINEAGE_DEPTH levels it is written out and the tree dropped."""
+    __slots__ = ("sources", "steps", "_op", "_parts", "_text", "_depth")
+
+    def __init__(self, sources: frozenset[str], steps: int = 0, op: str = "", parts: tuple = (),
+                 text: str = "") -> None:
+        self.sources, self.steps = sources, steps
+        self._op, self._parts, self._text = op, parts, text
+        depth = 0
+        for p in parts:
+            if p is not None and p._depth >= depth:
+                depth = p._depth + 1
+        self._depth = depth
+        if depth > LINEAGE_DEPTH:
+            self._text, self._parts, self._depth = self.lineage, (), 0
+
+    @property
+    def lineage(self) -> str:
+        if self._text or not self._op:
+            return self._text
+        inner = ", ".join(p.lineage if p is not None else OPEN for p in self._parts)
+        return _shorten(f"{short_name(self._op)}({inner})")
+
+    def __repr__(self) -> str:
+        return f"Derived({sorted(self.sources)}, {self.lineage!r}, steps={self.steps})"
 
 
 def short_name(op: str) -> str:
@@ -50,53 +72,75 @@ def _shorten(text: str) -> str:
 
 
 class Provenance:
-    """One session's record: storage -> `Derived`."""
+    """One session's record: storage -> `Derived`. An entry holds a weak reference to its storage
+    (torch keeps one Python object per live storage): a storage freed and its memory reused is not
+    mistaken for the old one, and dead entries are swept as the table grows."""
 
     def __init__(self, private: dict[int, str]) -> None:
         self._private = private          # the store's private storages -> their names
-        self._derived: dict[int, Derived] = {}
+        self._named: dict[str, Derived] = {}
+        self._derived: dict[int, tuple[weakref.ref, Derived]] = {}
+        self._sweep_at = SWEEP_START
         self.watching = False            # set once the session names private data
 
     def of(self, t: torch.Tensor) -> Derived | None:
-        if not self.watching or not t.numel():
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if not key:
             return None
-        key = storage_key(t)
         name = self._private.get(key)
         if name is not None:
-            return Derived(frozenset((name,)), name)
-        return self._derived.get(key)
+            derived = self._named.get(name)
+            if derived is None:
+                derived = self._named[name] = Derived(frozenset((name,)), text=name)
+            return derived
+        entry = self._derived.get(key)
+        return entry[1] if entry is not None and entry[0]() is storage else None
 
-    def combine(self, op: str, inputs: Iterable[torch.Tensor]) -> Derived | None:
+    def combine(self, op: str, inputs: list[torch.Tensor]) -> Derived | None:
         """What an op's results derive from: the union of its inputs' sources (None: open data)."""
-        parts = [self.of(t) for t in inputs]
-        if not any(parts):
+        of = self.of
+        if len(inputs) == 1:  # the common case, made cheap
+            p = of(inputs[0])
+            return None if p is None else Derived(p.sources, p.steps, op, (p,))
+        parts = tuple([of(t) for t in inputs])
+        first = None
+        for p in parts:
+            if p is not None:
+                first = p
+                break
+        if first is None:
             return None
-        sources = frozenset().union(*(p.sources for p in parts if p))
-        lineage = _shorten(f"{short_name(op)}({', '.join(p.lineage if p else OPEN for p in parts)})")
-        return Derived(sources, lineage, max(p.steps for p in parts if p))
+        sources, steps = first.sources, first.steps
+        for p in parts:
+            if p is not None and p is not first:
+                if not p.sources <= sources:
+                    sources = sources | p.sources
+                steps = max(steps, p.steps)
+        return Derived(sources, steps, op, parts)
 
     def mark(self, t: torch.Tensor, derived: Derived) -> None:
         """`t`'s storage now holds values derived from `derived.sources`."""
-        if not t.numel():
-            return
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key in self._private:
+        if not key or key in self._private:
             return
-        known = self._derived.get(key)
-        if known is None:
-            weakref.finalize(storage, self._derived.pop, key, None)
-        elif not derived.sources <= known.sources or known.steps > derived.steps:
-            derived = Derived(known.sources | derived.sources, derived.lineage, max(known.steps, derived.steps))
-        self._derived[key] = derived
+        entry = self._derived.get(key)
+        if entry is not None and entry[0]() is storage:
+            known = entry[1]
+            if not derived.sources <= known.sources or known.steps > derived.steps:
+                derived = Derived(known.sources | derived.sources, max(known.steps, derived.steps),
+                                  text=derived.lineage)
+            self._derived[key] = (entry[0], derived)
+            return
+        self._derived[key] = (weakref.ref(storage), derived)
+        if len(self._derived) > self._sweep_at:
+            self._derived = {k: e for k, e in self._derived.items() if e[0]() is not None}
+            self._sweep_at = max(SWEEP_START, 2 * len(self._derived))
 
     def mark_gradients(self, tensors: Iterable[torch.Tensor], derived: Derived) -> None:
         """After a backward pass over derived data: every gradient it may have written."""
-        grads = Derived(derived.sources, _shorten(f"grad({derived.lineage})"), derived.steps + 1)
+        grads = Derived(derived.sources, derived.steps + 1, "grad", (derived,))
         for t in tensors:
             if t.requires_grad and t.grad is not None:
                 self.mark(t.grad, grads)
-
-    @property
-    def derived_count(self) -> int:
-        return len(self._derived)

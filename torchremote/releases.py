@@ -69,7 +69,7 @@ class ReleaseDesk:
         """The request for this object: the client's open one (with `reason` added), or a new one."""
         with self._lock:
             known = self._open.get((client, ref))
-            if known is not None:
+            if known is not None and self._requests[known].status != DENIED:  # asking again after a denial: new
                 request = self._requests[known]
                 if reason and reason not in request.reason:
                     request.reason = f"{request.reason}; {reason}" if request.reason else reason
@@ -112,7 +112,7 @@ class ReleaseDesk:
             if request._version != tensor._version or request._tensor is not tensor:
                 # changed since the approval: that approval no longer says anything about it
                 request.status, request.note = DENIED, "the object changed after the approval"
-                self._close(request)
+                request._tensor = None
                 return False
             request.status = RELEASED
             self._close(request)
@@ -124,10 +124,16 @@ class ReleaseDesk:
         naming the request it filed (a rule of the owner's may approve it at once)."""
         if self.take(client, ref, tensor):
             return
-        request = self.file(client, ref, tensor, derived)
-        if self.take(client, ref, tensor):
-            return
-        state = "was filed" if request.status == PENDING else f"is {request.status}"
+        with self._lock:
+            known = self._open.get((client, ref))
+            request = self._requests[known] if known is not None else None
+        if request is None:  # a denied request stands until the client asks again (`request()`)
+            request = self.file(client, ref, tensor, derived)
+            if self.take(client, ref, tensor):
+                return
+        state = "is pending" if request.status == PENDING else f"was {request.status}"
+        if request.note:
+            state += f" ({request.note})"
         raise ApprovalRequired(
             f"{what} of object {request.object} releases data derived from private data "
             f"({', '.join(request.sources)}: {request.lineage}); it needs the owner's approval: release "
@@ -159,7 +165,7 @@ class ReleaseDesk:
         with self._lock:
             request = self._undecided(request_id)
             request.status, request.decided_by, request.note = DENIED, by, reason
-            self._close(request)
+            request._tensor = None  # it stays the object's answer until the client asks again
         self.log.warning("release request #%d denied by %s: %s %s to %s%s", request_id, by, request.object,
                          request.lineage, request.client, f": {reason}" if reason else "")
         return request
