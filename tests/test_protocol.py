@@ -111,10 +111,11 @@ def test_published_data_search_and_registry(pair):
     assert hit.tags == ("#X", "#train") and hit.meta.shape == (3,) and r2.value == []
     assert [row.id for row in r3.value] == ["p1", "p2"]
     fetch = pair.client.request(m.Fetch, hit.ref)
-    op = pair.client.call("torch.Tensor.sum", (hit.ref,), {}, reply=True, grad_enabled=True)
-    refused, summed = pair.roundtrip()
-    assert refused.req_id == fetch and "allow_get=False" in refused.error.message
-    assert summed.req_id == op and summed.value.shape == ()
+    op = pair.client.call("torch.Tensor.sum", (hit.ref,), {}, reply=False, grad_enabled=True)
+    total = pair.client.request(m.Fetch, m.ClientRef(op, 0))
+    refused, refused_too = pair.roundtrip()  # the sum ran; neither it nor the data may leave
+    assert refused.req_id == fetch and refused.error.type == "torchremote.ApprovalRequired"
+    assert refused_too.req_id == total and "sum(#X)" in refused_too.error.message
 
 
 def test_server_rejects_frames_that_are_not_commands(pair):

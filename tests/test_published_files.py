@@ -74,7 +74,7 @@ def test_private_files_are_computed_on_and_never_fetched(worker_process, model_f
         (weights,), (cohort,) = w.search("weights"), w.search("cohort")
         assert tuple((weights @ torch.ones(3)).shape) == (2,)  # computing on them works
         for private in (weights, cohort, weights[0], cohort[1:]):
-            with pytest.raises(PermissionError, match="allow_get=False"):
+            with pytest.raises(tr.ApprovalRequired, match="private data"):
                 private.get()
     server = tr.start_worker(id="owner")
     try:  # the same from Python, and the file's own metadata
