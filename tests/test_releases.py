@@ -242,6 +242,8 @@ def test_the_cli_lists_approves_and_denies_across_processes(tmp_path, worker_pro
         assert a.get().item() == 10.0
         with pytest.raises(PermissionError, match="denied: not yet"):
             b.get(timeout=5)
+        with pytest.raises(PermissionError, match="still pending after 0.5 s"):
+            x.max().get(timeout=0.5)
         wrong = tmp_path / "wrong"
         wrong.write_text("guess")
         out = subprocess.run([sys.executable, "-m", "torchremote", "requests", worker.url, "--owner-token-file",
