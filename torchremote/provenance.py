@@ -24,7 +24,6 @@ import torch
 
 MAX_LINEAGE = 160
 LINEAGE_DEPTH = 12   # levels of lineage kept as a tree before it is written out
-SWEEP_START = 1024   # entries of freed storages are swept once the table outgrows this (doubling)
 OPEN = "_"   # an open input, in a lineage
 BACKWARD_OPS = frozenset({"torch.Tensor.backward", "torch.autograd.backward", "torch.autograd.grad"})
 
@@ -71,17 +70,26 @@ def _shorten(text: str) -> str:
     return text if len(text) <= MAX_LINEAGE else text[:MAX_LINEAGE - 1] + "…"
 
 
+class _StorageRef(weakref.ref):
+    """A weak reference to a storage that knows the key of its entry."""
+    __slots__ = ("key",)
+
+
 class Provenance:
     """One session's record: storage -> `Derived`. An entry holds a weak reference to its storage
-    (torch keeps one Python object per live storage): a storage freed and its memory reused is not
-    mistaken for the old one, and dead entries are swept as the table grows."""
+    (torch keeps one Python object per live storage), and goes when the storage is freed: memory
+    reused later is never mistaken for the old storage."""
 
     def __init__(self, private: dict[int, str]) -> None:
         self._private = private          # the store's private storages -> their names
         self._named: dict[str, Derived] = {}
-        self._derived: dict[int, tuple[weakref.ref, Derived]] = {}
-        self._sweep_at = SWEEP_START
+        self._derived: dict[int, tuple[_StorageRef, Derived]] = {}
         self.watching = False            # set once the session names private data
+
+    def _forget(self, ref: _StorageRef) -> None:
+        entry = self._derived.get(ref.key)
+        if entry is not None and entry[0] is ref:
+            del self._derived[ref.key]
 
     def of(self, t: torch.Tensor) -> Derived | None:
         storage = t.untyped_storage()
@@ -133,10 +141,9 @@ class Provenance:
                                   text=derived.lineage)
             self._derived[key] = (entry[0], derived)
             return
-        self._derived[key] = (weakref.ref(storage), derived)
-        if len(self._derived) > self._sweep_at:
-            self._derived = {k: e for k, e in self._derived.items() if e[0]() is not None}
-            self._sweep_at = max(SWEEP_START, 2 * len(self._derived))
+        ref = _StorageRef(storage, self._forget)
+        ref.key = key
+        self._derived[key] = (ref, derived)
 
     def mark_gradients(self, tensors: Iterable[torch.Tensor], derived: Derived) -> None:
         """After a backward pass over derived data: every gradient it may have written."""
