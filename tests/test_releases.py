@@ -280,3 +280,12 @@ def test_a_result_is_releasable_exactly_when_no_private_input_reaches_it(alice, 
                 v.get()
         else:
             v.get()
+
+
+def test_a_value_reading_two_private_inputs_needs_both_approved(alice, bob):
+    x, y, _ = private(alice)
+    a, b = x * 1, y * 1
+    bob.auto_approve(lambda r: r.lineage == "mul(#X)")  # only a
+    error = refused(lambda: torch.equal(a, b))
+    assert "mul(#Y)" in str(error)
+    assert [r.status for r in bob.requests()] == ["approved", "pending"]

@@ -87,20 +87,17 @@ class Session:
         self.held_bytes = 0
         return self.store.close_namespace(self.client_id)
 
-    def _allow_release(self, ref: m.Ref, t: torch.Tensor, what: str) -> None:
-        """Let `t`'s value leave the worker, if it derives from no private data or its release was
-        approved; otherwise raise `ApprovalRequired`, naming the request this files."""
-        derived = self.provenance.of(t)
-        if derived is not None:
-            self.releases.release(self.client_id, ref, t, derived, what)
-
-    def _derived_input(self, inputs: dict[int, m.Ref]) -> tuple[m.Ref, torch.Tensor, Derived] | None:
-        for ref in inputs.values():
+    def _allow_release(self, refs: list[m.Ref], what: str) -> None:
+        """Let these objects' values leave the worker (together), if they derive from no private
+        data or their release was approved; otherwise raise `ApprovalRequired`, naming a request."""
+        derived = []
+        for ref in refs:
             t = self._tensor(ref)
-            derived = self.provenance.of(t)
-            if derived is not None:
-                return ref, t, derived
-        return None
+            d = self.provenance.of(t)
+            if d is not None:
+                derived.append((ref, t, d))
+        if derived:
+            self.releases.release(self.client_id, derived, what)
 
     # --- what this client holds ---
     def _new_bytes(self, tensors: list[torch.Tensor]) -> int:
@@ -271,8 +268,7 @@ class Session:
                 if derived is not None:
                     versions = [t._version for t in tensors]
                     if reply and load is ops.resolve:  # a value, or a data-dependent shape: a release
-                        ref, t, _ = self._derived_input(inputs)
-                        self._allow_release(ref, t, short_name(op))
+                        self._allow_release(list(inputs.values()), short_name(op))  # of all it reads
             if grad_enabled is torch.is_grad_enabled():
                 result = func(*args, **kwargs)
             else:
@@ -341,7 +337,7 @@ class Session:
     def _fetch(self, cmd: m.Fetch, out: list) -> None:
         try:
             t = self._tensor(cmd.ref)
-            self._allow_release(cmd.ref, t, "get")
+            self._allow_release([cmd.ref], "get")
             t = t.detach()
             if t.numel() * t.element_size() <= m.CHUNK_BYTES:
                 out.append(m.Reply(cmd.req_id, t))
@@ -380,7 +376,7 @@ class Session:
         from .client import connect  # the source acts as a client of the destination
         try:
             t = self._tensor(cmd.ref)
-            self._allow_release(cmd.ref, t, "a move to another worker")
+            self._allow_release([cmd.ref], "a move to another worker")
             with connect(cmd.url, token=cmd.token, name=f"{self.store.owner}-move") as destination:
                 pointer = destination._put(t.detach())
                 destination._request(m.Handover, pointer._ref, cmd.ticket)

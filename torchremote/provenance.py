@@ -149,5 +149,5 @@ class Provenance:
         """After a backward pass over derived data: every gradient it may have written."""
         grads = Derived(derived.sources, derived.steps + 1, "grad", (derived,))
         for t in tensors:
-            if t.requires_grad and t.grad is not None:
+            if t.requires_grad and (t.is_leaf or t.retains_grad) and t.grad is not None:
                 self.mark(t.grad, grads)

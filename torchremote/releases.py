@@ -104,33 +104,32 @@ class ReleaseDesk:
         """Whether this client may have this object's value now; an approval is used up by it."""
         with self._lock:
             known = self._open.get((client, ref))
-            if known is None:
+            if known is None or not self._approved(self._requests[known], tensor):
                 return False
             request = self._requests[known]
-            if request.status != APPROVED:
-                return False
-            if request._version != tensor._version or request._tensor is not tensor:
-                # changed since the approval: that approval no longer says anything about it
-                request.status, request.note = DENIED, "the object changed after the approval"
-                request._tensor = None
-                return False
             request.status = RELEASED
             self._close(request)
             self.log.info("release request #%d: %s received %s", request.id, client, request.object)
             return True
 
-    def release(self, client: str, ref: m.Ref, tensor: torch.Tensor, derived: Derived, what: str) -> None:
-        """Allow one release of this object (using up its approval), or raise `ApprovalRequired`
-        naming the request it filed (a rule of the owner's may approve it at once)."""
-        if self.take(client, ref, tensor):
-            return
+    def release(self, client: str, objects: list[tuple[m.Ref, torch.Tensor, Derived]], what: str) -> None:
+        """Allow one release of these objects' values together (using up an approval each), or
+        raise `ApprovalRequired` naming a request still needed (filed now if there was none; a
+        rule of the owner's may approve it at once). Nothing is used up unless all are approved."""
         with self._lock:
-            known = self._open.get((client, ref))
-            request = self._requests[known] if known is not None else None
-        if request is None:  # a denied request stands until the client asks again (`request()`)
-            request = self.file(client, ref, tensor, derived)
-            if self.take(client, ref, tensor):
+            waiting = []
+            for ref, tensor, derived in objects:
+                known = self._open.get((client, ref))
+                request = self._requests[known] if known is not None else None
+                if request is None:  # a denied request stands until the client asks again (`request()`)
+                    request = self.file(client, ref, tensor, derived)
+                if not self._approved(request, tensor):
+                    waiting.append(request)
+            if not waiting:
+                for ref, tensor, _ in objects:
+                    self.take(client, ref, tensor)
                 return
+        request = waiting[0]
         state = "is pending" if request.status == PENDING else f"was {request.status}"
         if request.note:
             state += f" ({request.note})"
@@ -138,6 +137,16 @@ class ReleaseDesk:
             f"{what} of object {request.object} releases data derived from private data "
             f"({', '.join(request.sources)}: {request.lineage}); it needs the owner's approval: release "
             f"request #{request.id} {state}. Say why with .request(reason=...), wait with .get(timeout=...)")
+
+    def _approved(self, request: ReleaseRequest, tensor: torch.Tensor) -> bool:
+        """Approved, for the object as it is now (a change since the approval voids it)."""
+        if request.status != APPROVED:
+            return False
+        if request._version != tensor._version or request._tensor is not tensor:
+            request.status, request.note = DENIED, "the object changed after the approval"
+            request._tensor = None
+            return False
+        return True
 
     def status(self, client: str, request_id: int) -> m.ReleaseInfo:
         with self._lock:

@@ -115,8 +115,9 @@ class WorkerServer:
 
     def publish(self, tensor: torch.Tensor, tags: Iterable[str] = (), description: str = "",
                 allow_get: bool = True, private: bool = False) -> str:
-        """Offer `tensor` to clients, findable by its tags. Returns its object id. With
-        `allow_get=False` (or `private=True`) clients compute on it but never fetch it or a view."""
+        """Offer `tensor` to clients, findable by its tags. Returns its object id. `private=True`
+        (or `allow_get=False`): clients compute on it, and whatever derives from it leaves only
+        through a release request the owner approved (`requests`, `approve`, `auto_approve`)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"publish() takes a torch.Tensor, not {type(tensor).__qualname__}")
         if isinstance(tags, str):
