@@ -58,7 +58,7 @@ class ReleaseDesk:
     def __init__(self, log: logging.Logger) -> None:
         self.log = log
         self._requests: dict[int, ReleaseRequest] = {}
-        self._open: dict[tuple[str, m.Ref], int] = {}   # (client, object) -> its undecided request
+        self._open: dict[tuple[str, m.Ref], int] = {}   # (client, object) -> its latest request, until used
         self._ids = itertools.count(1)
         self._rules: list[Rule] = []
         self._lock = threading.RLock()
