@@ -430,7 +430,7 @@ class Worker:
                 future.set_exception(WorkerConnectionError(str(self._closed)))
 
 
-class ReleaseRequest:
+class ReleaseHandle:
     """A request to release a tensor's value (`x.request(reason)`): `.id`, and `.status` as the
     worker says now ("pending", "approved", "denied", "released"; "open" for data that needs none)."""
 
@@ -446,7 +446,7 @@ class ReleaseRequest:
         return self._info.status
 
     def __repr__(self) -> str:
-        return f"ReleaseRequest(id={self.id}, object={self._info.object}, lineage={self._info.lineage!r}, status={self.status!r})"
+        return f"ReleaseHandle(id={self.id}, object={self._info.object}, lineage={self._info.lineage!r}, status={self.status!r})"
 
 
 def connect(url: str, token: str | None = None, *, name: str | None = None, timeout: float = 10.0,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
@@ -87,12 +87,11 @@ class Session:
         self.held_bytes = 0
         return self.store.close_namespace(self.client_id)
 
-    def _allow_release(self, refs: list[m.Ref], what: str) -> None:
+    def _allow_release(self, objects: Iterable[tuple[m.Ref, torch.Tensor]], what: str) -> None:
         """Let these objects' values leave the worker (together), if they derive from no private
         data or their release was approved; otherwise raise `ApprovalRequired`, naming a request."""
         derived = []
-        for ref in refs:
-            t = self._tensor(ref)
+        for ref, t in objects:
             d = self.provenance.of(t)
             if d is not None:
                 derived.append((ref, t, d))
@@ -268,7 +267,7 @@ class Session:
                 if derived is not None:
                     versions = [t._version for t in tensors]
                     if reply and load is ops.resolve:  # a value, or a data-dependent shape: a release
-                        self._allow_release(list(inputs.values()), short_name(op))  # of all it reads
+                        self._allow_release(zip(inputs.values(), tensors), short_name(op))  # all it reads
             if grad_enabled is torch.is_grad_enabled():
                 result = func(*args, **kwargs)
             else:
@@ -337,7 +336,7 @@ class Session:
     def _fetch(self, cmd: m.Fetch, out: list) -> None:
         try:
             t = self._tensor(cmd.ref)
-            self._allow_release([cmd.ref], "get")
+            self._allow_release([(cmd.ref, t)], "get")
             t = t.detach()
             if t.numel() * t.element_size() <= m.CHUNK_BYTES:
                 out.append(m.Reply(cmd.req_id, t))
@@ -376,7 +375,7 @@ class Session:
         from .client import connect  # the source acts as a client of the destination
         try:
             t = self._tensor(cmd.ref)
-            self._allow_release([cmd.ref], "a move to another worker")
+            self._allow_release([(cmd.ref, t)], "a move to another worker")
             with connect(cmd.url, token=cmd.token, name=f"{self.store.owner}-move") as destination:
                 pointer = destination._put(t.detach())
                 destination._request(m.Handover, pointer._ref, cmd.ticket)

@@ -100,34 +100,23 @@ class ReleaseDesk:
                              getattr(rule, "__name__", rule), type(e).__name__, e)
             return False
 
-    def take(self, client: str, ref: m.Ref, tensor: torch.Tensor) -> bool:
-        """Whether this client may have this object's value now; an approval is used up by it."""
-        with self._lock:
-            known = self._open.get((client, ref))
-            if known is None or not self._approved(self._requests[known], tensor):
-                return False
-            request = self._requests[known]
-            request.status = RELEASED
-            self._close(request)
-            self.log.info("release request #%d: %s received %s", request.id, client, request.object)
-            return True
-
     def release(self, client: str, objects: list[tuple[m.Ref, torch.Tensor, Derived]], what: str) -> None:
         """Allow one release of these objects' values together (using up an approval each), or
         raise `ApprovalRequired` naming a request still needed (filed now if there was none; a
         rule of the owner's may approve it at once). Nothing is used up unless all are approved."""
         with self._lock:
-            waiting = []
+            approved, waiting = [], []
             for ref, tensor, derived in objects:
                 known = self._open.get((client, ref))
                 request = self._requests[known] if known is not None else None
                 if request is None:  # a denied request stands until the client asks again (`request()`)
                     request = self.file(client, ref, tensor, derived)
-                if not self._approved(request, tensor):
-                    waiting.append(request)
+                (approved if self._approved(request, tensor) else waiting).append(request)
             if not waiting:
-                for ref, tensor, _ in objects:
-                    self.take(client, ref, tensor)
+                for request in approved:  # each approval is used up by this release
+                    request.status = RELEASED
+                    self._close(request)
+                    self.log.info("release request #%d: %s received %s", request.id, client, request.object)
                 return
         request = waiting[0]
         state = "is pending" if request.status == PENDING else f"was {request.status}"

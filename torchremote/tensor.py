@@ -16,7 +16,7 @@ from . import inference, wire
 from .store import object_id
 
 if TYPE_CHECKING:
-    from .client import ReleaseRequest, Worker
+    from .client import ReleaseHandle, Worker
 
 
 class RemoteTensor(torch.Tensor):
@@ -84,11 +84,11 @@ class RemoteTensor(torch.Tensor):
             return self._worker._fetch(self._ref)
         return self._worker._fetch_when_approved(self._ref, timeout)
 
-    def request(self, reason: str = "") -> "ReleaseRequest":
+    def request(self, reason: str = "") -> "ReleaseHandle":
         """Ask the worker's owner to release this tensor's value (or say why, for a request filed
         already); returns a handle with `.id` and `.status`."""
-        from .client import ReleaseRequest
-        return ReleaseRequest(self._worker, self._worker._request(m.RequestRelease, self._ref, reason))
+        from .client import ReleaseHandle
+        return ReleaseHandle(self._worker, self._worker._request(m.RequestRelease, self._ref, reason))
 
     def send(self, worker: "Worker") -> "RemoteTensor":
         """Already on `worker`: itself. On another worker: `move` it there."""
