@@ -20,7 +20,8 @@ import torchremote as tr
 WORKER = r'''
 import json, statistics, sys, time
 import torchremote as tr
-from torchremote import server, worker_connection, execution, protocol
+from torchremote.wire import protocol
+from torchremote.worker import connection as worker_connection, execution, server
 times = {"decode": [], "run": [], "encode": [], "write": []}
 def timed(name, fn):
     def wrapper(*args):

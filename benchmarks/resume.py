@@ -15,7 +15,7 @@ import time
 import torch
 
 import torchremote as tr
-from torchremote.fault_proxy import TO_CLIENT, FaultProxy
+from torchremote.testing.fault_proxy import TO_CLIENT, FaultProxy
 
 from .timing import per_call
 

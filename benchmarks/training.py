@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchremote as tr
-import torchremote.tensor as tensor_module
+import torchremote.client.tensor as tensor_module
 
 
 def cpu_seconds() -> float:
@@ -141,7 +141,7 @@ def workloads() -> list[tuple]:
 def counting(worker: tr.Worker):
     """Counts the torch calls the client intercepts and the round trips it makes."""
     counts = {"calls": 0, "round_trips": 0}
-    dispatch = tensor_module.dispatch
+    dispatch = tensor_module._dispatch
 
     def counted_dispatch(*a, **k):
         counts["calls"] += 1
@@ -155,13 +155,13 @@ def counting(worker: tr.Worker):
             return fn(*a, **k)
         return wrapper
 
-    tensor_module.dispatch = counted_dispatch
+    tensor_module.use_dispatcher(counted_dispatch)
     for name, fn in saved.items():
         setattr(worker, name, round_trip(fn))
     try:
         yield counts
     finally:
-        tensor_module.dispatch = dispatch
+        tensor_module.use_dispatcher(dispatch)
         for name in saved:
             delattr(worker, name)
 

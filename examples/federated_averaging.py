@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import torchremote as tr
-from torchremote.federated import average_state_dicts
+from torchremote.client.federated import average_state_dicts
 
 FEATURES, CLASSES = 20, 3
 MIN_LOCAL_STEPS = 5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchremote as tr
-from torchremote import messages as m
+from torchremote.wire import messages as m
 
 
 def local_error(fn):
@@ -140,7 +140,8 @@ def test_binding_beyond_loopback_without_a_token_is_refused():
 
 def test_garbage_frames_get_an_error_and_the_worker_keeps_serving(server):
     from websockets.sync.client import connect
-    from torchremote.protocol import ClientProtocol
+    from torchremote.wire import codec
+    from torchremote.wire.protocol import ClientProtocol
     proto = ClientProtocol("raw")
     with connect(server.url, proxy=None, compression=None) as ws:
         ws.send(b"".join(proto.hello()))
@@ -149,8 +150,7 @@ def test_garbage_frames_get_an_error_and_the_worker_keeps_serving(server):
         ack, failure = proto.receive_data(ws.recv(timeout=5))
         assert ack == m.Ack(1)  # every reply says how many of the client's frames ran
         assert isinstance(failure, m.Failure) and failure.error.type == "torchremote.ProtocolError"
-        ws.send(b"".join(proto.data_to_send() or []) or b"".join(
-            __import__("torchremote.wire", fromlist=["x"]).encode([m.Sync(99)])))
+        ws.send(b"".join(proto.data_to_send() or []) or b"".join(codec.encode([m.Sync(99)])))
         ack, reply = proto.receive_data(ws.recv(timeout=5))
         assert (ack, reply) == (m.Ack(2), m.Reply(99, None))
     with tr.connect(server.url) as other:
@@ -165,7 +165,7 @@ def test_sparse_results_are_a_clear_error_never_a_hang(bob):
 
 
 def test_a_worker_side_failure_of_a_waited_call_reaches_the_caller(bob):
-    from torchremote import messages as m
+    from torchremote.wire import messages as m
     # a worker answering a failure under the op's id (not a request id) must still wake the caller
     from concurrent.futures import Future
     future = bob._pending[10**9] = Future()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchremote as tr
-from torchremote.federated import average_state_dicts
+from torchremote.client.federated import average_state_dicts
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("federated_example", ROOT / "examples" / "federated_averaging.py")

@@ -65,7 +65,7 @@ def test_copy_is_independent(pair):
 
 def test_a_move_ticket_is_single_use_and_needs_the_token(pair):
     alice, carol = pair
-    from torchremote import messages as m
+    from torchremote.wire import messages as m
     _, ticket = carol._ask(lambda: carol._protocol.request(m.Expect), "move")
     x = torch.ones(2).send(alice)
     with pytest.raises(tr.WorkerPermissionError):
@@ -115,7 +115,7 @@ def test_a_dead_worker_fails_its_own_calls_and_not_the_others(pair):
 
 
 def test_device_indices_are_reused_after_close_past_torchs_limit(server):
-    from torchremote.device import MAX_DEVICES
+    from torchremote.client.device import MAX_DEVICES
     for _ in range(MAX_DEVICES + 5):  # more connections than torch has device indices
         with tr.connect(server.url) as w:
             assert 0 <= w.device.index < MAX_DEVICES

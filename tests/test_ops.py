@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.overrides import get_overridable_functions
 
-from torchremote import ops
-from torchremote.errors import WorkerPermissionError
+from torchremote.wire import ops
+from torchremote.wire.errors import WorkerPermissionError
 
 
 def test_every_named_callable_resolves_to_itself():

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchremote import messages as m, wire
-from torchremote.errors import ProtocolError
-from torchremote.execution import Session
-from torchremote.protocol import ClientProtocol, ServerProtocol
-from torchremote.store import ObjectStore
+from torchremote.wire import codec as wire, messages as m
+from torchremote.wire.errors import ProtocolError
+from torchremote.wire.protocol import ClientProtocol, ServerProtocol
+from torchremote.worker.execution import Session
+from torchremote.worker.store import ObjectStore
 
 
 class Pair:

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import torchremote as tr
-from torchremote.published_files import PublishFileError
-from torchremote.server import default_max_client_bytes
+from torchremote.worker.published_files import PublishFileError
+from torchremote.worker.server import default_max_client_bytes
 
 from conftest import ROOT
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchremote as tr
+from torchremote.wire import messages as m
 
 from conftest import ROOT
 
@@ -203,7 +204,7 @@ def test_only_the_owner_lists_and_decides(alice, bob):
     with pytest.raises(LookupError):  # nor see another client's request
         mallory = tr.connect(bob.url, token="client-token", name="mallory")
         try:
-            mallory._request(__import__("torchremote").messages.ReleaseStatus, 1)
+            mallory._request(m.ReleaseStatus, 1)
         finally:
             mallory.close()
     with tr.connect(bob.url, token="owner-token", name="bob") as owner:

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import torchremote as tr
-from torchremote import resume, websocket
-from torchremote.errors import SessionInUseError
-from torchremote.fault_proxy import TO_CLIENT, TO_WORKER, FaultProxy
-from torchremote.protocol import ClientProtocol
+from torchremote.testing.fault_proxy import TO_CLIENT, TO_WORKER, FaultProxy
+from torchremote.wire import resume, websocket
+from torchremote.wire.errors import SessionInUseError
+from torchremote.wire.protocol import ClientProtocol
 
 from conftest import wait_until
 

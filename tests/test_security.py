@@ -13,8 +13,8 @@ import trustme
 from websockets.sync.client import connect as raw_connect
 
 import torchremote as tr
-from torchremote import messages as m, wire
-from torchremote.protocol import ClientProtocol
+from torchremote.wire import codec as wire, messages as m
+from torchremote.wire.protocol import ClientProtocol
 
 
 # --- authentication ---------------------------------------------------------------------------------

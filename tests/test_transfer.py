@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import torchremote as tr
-from torchremote import messages as m, progress, wire
+from torchremote.client import progress
+from torchremote.wire import codec as wire, messages as m
 from conftest import bits
 
 
@@ -79,7 +80,7 @@ def test_sends_and_gets_show_progress_on_a_terminal(fresh_server, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr("torchremote.client.transfer_bar", Recorder)
+    monkeypatch.setattr("torchremote.client.session.transfer_bar", Recorder)
     t = torch.randn(5 << 20)  # 20 MiB
     with tr.connect(fresh_server.url) as w:
         x = t.send(w)

@@ -1,4 +1,4 @@
-"""The transport at the frame level: `torchremote.websocket.WebSocket` on socket pairs, against
+"""The transport at the frame level: `torchremote.wire.websocket.WebSocket` on socket pairs, against
 websockets' own sans-I/O protocol objects writing the other end byte for byte."""
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 import torchremote as tr
-from torchremote import wire
-from torchremote import messages as m
-from torchremote.websocket import ConnectionClosed, Placed, WebSocket, unmask_in_place
+from torchremote.wire import codec as wire, messages as m
+from torchremote.wire.websocket import ConnectionClosed, Placed, WebSocket, unmask_in_place
 
 MiB = 1 << 20
 
@@ -195,7 +194,7 @@ def test_unmasking_in_place_matches_websockets(n, start):
 
 
 def test_large_gets_and_sends_go_straight_into_their_buffers(server, monkeypatch):
-    from torchremote.protocol import ChunkPlacement
+    from torchremote.wire.protocol import ChunkPlacement
     placed = []
     destination = ChunkPlacement.destination
 
@@ -213,7 +212,7 @@ def test_large_gets_and_sends_go_straight_into_their_buffers(server, monkeypatch
 
 def test_a_standard_websocket_client_can_talk_to_a_worker(server):
     from websockets.sync.client import connect
-    from torchremote.protocol import ClientProtocol as TorchremoteClient
+    from torchremote.wire.protocol import ClientProtocol as TorchremoteClient
     proto = TorchremoteClient("plain-websockets")
     with connect(server.url, proxy=None, compression=None, max_size=None) as ws:
         ws.send(b"".join(proto.hello()))
@@ -251,7 +250,8 @@ def test_threads_sharing_one_worker_each_get_their_own_replies(server):
 def test_a_long_op_is_not_taken_for_a_dead_worker(monkeypatch):
     """With pings after 0.1 s of quiet and 0.1 s to answer them, one op several times as long on the
     worker still completes: the worker's heartbeats keep its waiting client from declaring it dead."""
-    from torchremote import client_connection, websocket
+    from torchremote.client import connection as client_connection
+    from torchremote.wire import websocket
     monkeypatch.setattr(websocket, "PING_INTERVAL_S", 0.1)
     monkeypatch.setattr(websocket, "PING_TIMEOUT_S", 0.1)
     monkeypatch.setattr(client_connection, "TICK_S", 0.02)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from torchremote import messages as m, wire
-from torchremote.errors import ProtocolError
+from torchremote.wire import codec as wire, messages as m
+from torchremote.wire.errors import ProtocolError
 from conftest import bits
 
 DTYPES = [torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.complex64,

@@ -4,17 +4,19 @@
     bob = torchremote.connect(server.url)
     x = torch.tensor([1., 2, 3]).send(bob)               # a RemoteTensor: a pointer, no data
     (x * 2).sum().item()                                 # runs on bob -> 12.0
+
+Where code runs: `client/` in the user's process, `worker/` in the worker's, `wire/` on both sides.
 """
-from . import device as _device  # noqa: F401  (registers the `remote` device first)
-from .client import Worker, connect
-from .errors import (ApprovalRequired, ProtocolError, RemoteError, TorchRemoteError, WorkerConnectionError,
-                     WorkerPermissionError)
-from .messages import ObjectInfo
-from .server import WorkerServer, start_worker
-from .module import get, on, send
-from .remote_code import remote
-from . import optim as _optim  # noqa: F401  (optimizers take their foreach path on RemoteTensors)
-from .tensor import RemoteTensor
+from . import client as _client  # noqa: F401  (registers the `remote` device and the dispatcher)
+from .client.handle import Worker, connect
+from .client.module import get, on, send
+from .client.remote_code import remote
+from .client.tensor import RemoteTensor
+from .launch import start_worker
+from .wire.errors import (ApprovalRequired, ProtocolError, RemoteError, TorchRemoteError, WorkerConnectionError,
+                          WorkerPermissionError)
+from .wire.messages import ObjectInfo
+from .worker.server import WorkerServer
 
 __version__ = "0.1.0"
 

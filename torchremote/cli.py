@@ -12,11 +12,13 @@ import sys
 
 import torch
 
-from .errors import TorchRemoteError
-from .messages import DEFAULT_MAX_MESSAGE_BYTES
-from .resume import DEFAULT_GRACE_S
-from . import published_files
-from .server import describe_bytes, start_worker
+from .client.handle import connect
+from .launch import start_worker
+from .wire.errors import TorchRemoteError
+from .wire.messages import DEFAULT_MAX_MESSAGE_BYTES
+from .wire.resume import DEFAULT_GRACE_S
+from .worker import published_files
+from .worker.server import describe_bytes
 
 
 def _read_token(path: str | None, env: bool = True) -> str | None:
@@ -70,7 +72,6 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from .client import connect
     try:
         with connect(args.url, token=_read_token(args.token_file), name="ls", timeout=args.timeout) as w:
             print(f"worker {w.id!r} at {w.url}")
@@ -83,7 +84,6 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _as_owner(args: argparse.Namespace, act) -> int:
     """Connect with the owner token and do `act(worker)` (the release requests commands)."""
-    from .client import connect
     try:
         with connect(args.url, token=_read_token(args.owner_token_file, env=False), name="owner",
                      timeout=args.timeout) as w:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from . import messages as m
-from . import wire
+from . import codec
 from .errors import ProtocolError, from_info, to_info
 from .websocket import Placed
 
@@ -40,7 +40,7 @@ class ClientProtocol:
         # (commands queued when the pointer died, ref): a release goes right after those commands
         self._releases: collections.deque[tuple[int, m.ClientRef]] = collections.deque()
         self.welcome: m.Welcome | None = None
-        self._incoming: dict[int, wire.Assembly] = {}
+        self._incoming: dict[int, codec.Assembly] = {}
         self.placement = ChunkPlacement(self._incoming.get)  # large replies, straight into place
         # called as on_chunk(req_id, received, total) while a large reply arrives
         self.on_chunk: Callable[[int, int, int], None] | None = None
@@ -49,10 +49,10 @@ class ClientProtocol:
     def hello(self, resume: str | None = None, received: int = 0) -> Chunks:
         """The first message; with `resume`, it takes up that session (`received`: how many of the
         worker's frames arrived before the connection dropped)."""
-        return wire.encode([m.Hello(m.PROTOCOL_VERSION, self.client_name, self._token, resume, received)])
+        return codec.encode([m.Hello(m.PROTOCOL_VERSION, self.client_name, self._token, resume, received)])
 
     def receive_welcome(self, data: bytes) -> m.Welcome:
-        items = wire.decode(data)
+        items = codec.decode(data)
         if len(items) == 1 and isinstance(items[0], m.Welcome):
             self.welcome = items[0]
             return self.welcome
@@ -153,14 +153,14 @@ class ClientProtocol:
     @staticmethod
     def encode(items: list) -> Chunks:
         """The frame for taken items (needs no lock: it touches no session state)."""
-        return wire.encode(items)
+        return codec.encode(items)
 
     def receive_data(self, data: bytes | Placed) -> list:
         """The replies and failures in a message; a chunked tensor is returned once complete."""
         events = []
         for item in decode(data):
             if isinstance(item, m.Reply) and isinstance(item.value, m.ChunkedTensor):
-                self._incoming[item.req_id] = wire.Assembly(item.value)
+                self._incoming[item.req_id] = codec.Assembly(item.value)
             elif isinstance(item, m.Chunk):
                 assembly = self._incoming.get(item.id)
                 if assembly is None:
@@ -181,13 +181,13 @@ class ClientProtocol:
 class ChunkPlacement:
     """Where a chunk of a large tensor goes (`websocket.Placement`): straight into the buffer of
     its assembly, when `assembly_of(id)` has one and it is the next chunk. Either side uses it."""
-    head_length = staticmethod(wire.head_length)
+    head_length = staticmethod(codec.head_length)
 
-    def __init__(self, assembly_of: Callable[[int], wire.Assembly | None]) -> None:
+    def __init__(self, assembly_of: Callable[[int], codec.Assembly | None]) -> None:
         self._assembly_of = assembly_of
 
     def destination(self, head: bytes, remaining: int) -> tuple[torch.Tensor, m.Chunk] | None:
-        chunk = wire.chunk_in(head, remaining)
+        chunk = codec.chunk_in(head, remaining)
         assembly = self._assembly_of(chunk.id) if chunk is not None else None
         slot = assembly.slot(chunk.offset, remaining) if assembly is not None else None
         return None if slot is None else (slot, m.Chunk(chunk.id, chunk.offset, slot))
@@ -195,7 +195,7 @@ class ChunkPlacement:
 
 def decode(data: bytes | Placed) -> list:
     """A message's items; a placed one is the chunk whose bytes are already where they belong."""
-    return [data.message] if isinstance(data, Placed) else wire.decode(data)
+    return [data.message] if isinstance(data, Placed) else codec.decode(data)
 
 
 class ServerProtocol:
@@ -206,7 +206,7 @@ class ServerProtocol:
                  m.ReleaseStatus, m.ListReleases, m.Decide)
 
     def receive_hello(self, data: bytes) -> m.Hello:
-        items = wire.decode(data)
+        items = codec.decode(data)
         if len(items) != 1 or not isinstance(items[0], m.Hello):
             raise ProtocolError("a connection must start with Hello")
         hello = items[0]
@@ -218,12 +218,12 @@ class ServerProtocol:
     @staticmethod
     def welcome(worker_id: str, client_id: str, max_message_bytes: int, resume_token: str = "",
                 resume_grace_s: float = 0.0, received: int = 0) -> Chunks:
-        return wire.encode([m.Welcome(m.PROTOCOL_VERSION, worker_id, client_id, max_message_bytes,
+        return codec.encode([m.Welcome(m.PROTOCOL_VERSION, worker_id, client_id, max_message_bytes,
                                       resume_token, float(resume_grace_s), received)])
 
     @staticmethod
     def refuse(exc: BaseException) -> Chunks:
-        return wire.encode([m.Failure(None, None, to_info(exc))])
+        return codec.encode([m.Failure(None, None, to_info(exc))])
 
     def receive_data(self, data: bytes | Placed) -> list:
         items = decode(data)
@@ -236,7 +236,7 @@ class ServerProtocol:
     def send(items: list) -> list[Chunks]:
         """The frames for a batch of replies: one for the small ones, one per `Chunk` after them."""
         small = [i for i in items if not isinstance(i, m.Chunk)]
-        frames = [wire.encode(small)] if small else []
-        frames.extend(wire.encode([i]) for i in items if isinstance(i, m.Chunk))
+        frames = [codec.encode(small)] if small else []
+        frames.extend(codec.encode([i]) for i in items if isinstance(i, m.Chunk))
         return frames
 

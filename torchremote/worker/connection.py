@@ -13,9 +13,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-from . import messages as m
-from . import websocket
-from .websocket import ConnectionClosed, Placement, WebSocket, accept_server, close_socket
+from ..wire import messages as m
+from ..wire import websocket
+from ..wire.websocket import ConnectionClosed, Placement, WebSocket, accept_server, close_socket
 
 ACCEPT_POLL_S = 0.2      # how often the accepting thread looks whether the worker stops
 

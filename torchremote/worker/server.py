@@ -1,6 +1,6 @@
 """The worker: runs each client's `Session` against one `ObjectStore`.
 
-Each connection is served on its own thread (`worker_connection.py`), which reads a batch, runs it
+Each connection is served on its own thread (`connection.py`), which reads a batch, runs it
 and writes the replies; a slow op of one client does not stall the others, and torch kernels
 release the GIL while they run.
 """
@@ -20,18 +20,20 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ._gc import freeze_long_lived
-from . import messages as m
+from ..wire import codec
+from ..wire import messages as m
+from ..wire._gc import freeze_long_lived
+from ..wire.errors import ProtocolError, WorkerConnectionError, WorkerPermissionError, to_info
+from ..wire.messages import ObjectTable, object_id
+from ..wire.protocol import ChunkPlacement, ServerProtocol
+from ..wire.resume import DEFAULT_GRACE_S
+from ..wire.websocket import ConnectionClosed, Placed
 from . import published_files
-from .errors import ProtocolError, WorkerConnectionError, WorkerPermissionError, to_info
-from .execution import Session
-from .protocol import ChunkPlacement, ServerProtocol
+from .connection import Listener, ServedConnection
+from .execution import SendToWorker, Session
 from .releases import ReleaseDesk, ReleaseRequest
-from .resume import DEFAULT_GRACE_S, ResumableSession, SessionTable
-from .store import ObjectStore, ObjectTable, object_id
-from .websocket import ConnectionClosed, Placed
-from .worker_connection import Listener, ServedConnection
-from . import wire
+from .sessions import ResumableSession, SessionTable
+from .store import ObjectStore
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -49,7 +51,10 @@ def is_loopback(host: str) -> bool:
 
 
 class WorkerServer:
-    """A running worker. Create with `torchremote.start_worker(...)`; it serves from a thread."""
+    """A running worker. Create with `torchremote.start_worker(...)`; it serves from a thread.
+
+    `send_to_worker` is how it hands a tensor to another worker in a move (`start_worker` passes
+    the client's); without it, moves from this worker are refused."""
 
     def __init__(self, id: str = "worker", host: str = "127.0.0.1", port: int = 0, *,
                  token: str | None = None, owner_token: str | None = None, device: str | torch.device = "cpu",
@@ -57,7 +62,8 @@ class WorkerServer:
                  max_client_bytes: int | None = None, max_clients: int | None = None,
                  resume_grace: float = DEFAULT_GRACE_S, certfile: str | None = None,
                  keyfile: str | None = None, allow_code: bool = False, insecure: bool = False,
-                 verbose: bool = False, log_file: str | None = None) -> None:
+                 verbose: bool = False, log_file: str | None = None,
+                 send_to_worker: SendToWorker | None = None) -> None:
         if token is None and not is_loopback(host) and not insecure:
             raise WorkerPermissionError(
                 f"refusing to listen on {host} without a token: anyone who can reach it could use "
@@ -67,6 +73,7 @@ class WorkerServer:
                 "--allow-code runs code that clients send as this user: it needs a token "
                 "(--token-file or $TORCHREMOTE_TOKEN), so that only clients holding it can")
         self.allow_code = allow_code
+        self._send_to_worker = send_to_worker  # for moves to other workers
         self.id = id
         self.device = torch.device(device)
         self._token = token.encode() if token is not None else None
@@ -236,7 +243,7 @@ class WorkerServer:
         client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
                           max_client_bytes=self.max_client_bytes, allow_code=self.allow_code,
-                          releases=self.releases, is_owner=is_owner)
+                          releases=self.releases, is_owner=is_owner, send_to_worker=self._send_to_worker)
         state = self._resumable.open(session)
         self.log.info("%s connected as %s%s", peer, client_id, " (owner)" if is_owner else "")
         welcome = protocol.welcome(self.id, client_id, self.max_message_bytes, state.token, self.resume_grace)
@@ -353,13 +360,13 @@ def default_max_client_bytes() -> int:
 def _encode_replies(protocol: ServerProtocol, replies: list) -> list:
     try:
         return protocol.send(replies)
-    except wire.EncodeError:  # one unsendable value must not lose the other replies
+    except codec.EncodeError:  # one unsendable value must not lose the other replies
         safe = []
         for r in replies:
             try:
-                wire.encode([r])
+                codec.encode([r])
                 safe.append(r)
-            except wire.EncodeError as e:
+            except codec.EncodeError as e:
                 safe.append(m.Failure(r.req_id, None, to_info(TypeError(str(e)))))
         return protocol.send(safe)
 
@@ -397,8 +404,3 @@ def _make_logger(worker_id: str, verbose: bool, log_file: str | None) -> logging
             handler._torchremote = True  # type: ignore[attr-defined]
             log.addHandler(handler)
     return log
-
-
-def start_worker(id: str = "worker", host: str = "127.0.0.1", port: int = 0, **options: Any) -> WorkerServer:
-    """Start a worker serving from a background thread; returns at once. Port 0 picks a free port."""
-    return WorkerServer(id, host, port, **options)

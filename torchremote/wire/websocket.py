@@ -38,7 +38,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from .wire import PREFIX_BYTES, bytes_of
+from .codec import PREFIX_BYTES, bytes_of
 
 DIRECT_BYTES = 256 << 10     # binary frames this large are read straight to their destination
 JOIN_BYTES = 64 << 10        # smaller messages go out as one buffer (one write), larger unjoined

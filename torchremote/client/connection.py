@@ -24,9 +24,9 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from .errors import SessionInUseError, TorchRemoteError, WorkerConnectionError
-from .resume import ReplayLog, frozen, payload_bytes
-from .websocket import ConnectionClosed, Placement, WebSocket, close_socket, open_client
+from ..wire.errors import SessionInUseError, TorchRemoteError, WorkerConnectionError
+from ..wire.resume import ReplayLog, frozen, payload_bytes
+from ..wire.websocket import ConnectionClosed, Placement, WebSocket, close_socket, open_client
 
 log = logging.getLogger("torchremote")
 

@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from . import messages as m
-from .errors import ApprovalRequired, WorkerPermissionError
+from ..wire import messages as m
+from ..wire.errors import ApprovalRequired, WorkerPermissionError
+from ..wire.messages import object_id
 from .provenance import Derived
-from .store import object_id
 
 PENDING, APPROVED, DENIED, RELEASED = "pending", "approved", "denied", "released"
 

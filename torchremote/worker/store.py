@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import messages as m
+from ..wire import messages as m
+from ..wire.messages import object_id
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,6 @@ class Published:
 def storage_key(t: torch.Tensor) -> int:
     """Identifies the memory behind a tensor: views of one tensor share it."""
     return t.untyped_storage().data_ptr()
-
-
-def object_id(ref: m.Ref) -> str:
-    """The display id of a reference: '7' (op 7), '7.1' (its second output), 'p3' (published)."""
-    if isinstance(ref, m.PublishedRef):
-        return f"p{ref.pub_id}"
-    return str(ref.op_id) if ref.index == 0 else f"{ref.op_id}.{ref.index}"
 
 
 class ObjectStore:
@@ -116,18 +110,3 @@ class ObjectStore:
 
 def _row(oid: str, owner: str, t: torch.Tensor, tags: tuple[str, ...] = (), description: str = "") -> m.ObjectInfo:
     return m.ObjectInfo(oid, owner, tuple(t.shape), t.dtype, t.numel() * t.element_size(), tags, description)
-
-
-class ObjectTable(list):
-    """A list of `ObjectInfo` rows that prints as a table."""
-
-    def __str__(self) -> str:
-        header = ("id", "owner", "tags", "shape", "dtype", "bytes", "description")
-        lines = [header] + [
-            (r.id, r.owner, " ".join(r.tags), str(tuple(r.shape)), str(r.dtype).removeprefix("torch."),
-             str(r.nbytes), r.description) for r in self]
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
-
-    def __repr__(self) -> str:
-        return str(self)

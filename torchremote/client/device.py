@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .client import Worker
+from ..wire.messages import REMOTE_DEVICE_TYPE as BACKEND
 
-BACKEND = "remote"
+if TYPE_CHECKING:
+    from .session import Session
+
 _lock = threading.Lock()
-_workers: dict[int, "weakref.ref[Worker]"] = {}
+_workers: dict[int, "weakref.ref[Session]"] = {}
 _next_index = 0
 
 
@@ -44,7 +45,7 @@ _register_backend()
 MAX_DEVICES = 128  # torch keeps a device index in 8 bits
 
 
-def register(worker: "Worker") -> torch.device:
+def register(worker: "Session") -> torch.device:
     """Give a newly connected worker its device index: a new one, or one whose worker is closed or
     gone (torch's device indices stop at 127, and a long session may connect many times)."""
     global _next_index
@@ -61,7 +62,7 @@ def register(worker: "Worker") -> torch.device:
     return torch.device(BACKEND, index)
 
 
-def worker_of(device: torch.device | str) -> "Worker":
+def worker_of(device: torch.device | str) -> "Session":
     device = torch.device(device)
     ref = _workers.get(device.index if device.index is not None else 0) if device.type == BACKEND else None
     worker = ref() if ref is not None else None

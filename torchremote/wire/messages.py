@@ -1,6 +1,6 @@
 """The messages client and worker exchange: a small tagged union, plus protocol constants.
 
-A websocket message is one *batch*: a list of the items below (see `wire.py` for the bytes).
+A websocket message is one *batch*: a list of the items below (see `codec.py` for the bytes).
 Client -> worker: `Hello` first, then batches of `Put`, `Call`, `Fetch`, `Release`, `Search`,
 `ListObjects`, `ManualSeed`, `Sync`. Worker -> client: `Welcome`, then batches of `Reply` and
 `Failure`. Either side may put an `Ack` first in a batch: how many of the other side's frames it
@@ -21,6 +21,7 @@ MAGIC = b"TRM2"                      # first bytes of every frame (and the wire 
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
 CHUNK_BYTES = 4 << 20               # tensors larger than this travel as a header, then chunks
+REMOTE_DEVICE_TYPE = "remote"        # torch's PrivateUse1 backend, renamed: pointers live on remote:i
 
 
 # --- value types that travel inside messages -----------------------------------------------------
@@ -41,6 +42,13 @@ class PublishedRef:
 
 
 Ref = ClientRef | PublishedRef
+
+
+def object_id(ref: Ref) -> str:
+    """The display id of a reference: '7' (op 7), '7.1' (its second output), 'p3' (published)."""
+    if isinstance(ref, PublishedRef):
+        return f"p{ref.pub_id}"
+    return str(ref.op_id) if ref.index == 0 else f"{ref.op_id}.{ref.index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +116,21 @@ class ObjectInfo:
     nbytes: int
     tags: tuple[str, ...] = ()
     description: str = ""
+
+
+class ObjectTable(list):
+    """A list of `ObjectInfo` rows that prints as a table."""
+
+    def __str__(self) -> str:
+        header = ("id", "owner", "tags", "shape", "dtype", "bytes", "description")
+        lines = [header] + [
+            (r.id, r.owner, " ".join(r.tags), str(tuple(r.shape)), str(r.dtype).removeprefix("torch."),
+             str(r.nbytes), r.description) for r in self]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""The few torch calls a RemoteTensor answers differently from the generic dispatch path."""
+"""The few torch calls a RemoteTensor answers differently from the generic dispatch path: its device,
+metadata the pointer holds, fetches (`cpu()`, `to("cpu")`, `numpy()`), iteration, deepcopy."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +8,7 @@ import torch
 
 from .device import BACKEND
 from .dispatch import remote_call
-from .ops import implements
+from .registry import implements
 from .tensor import RemoteTensor
 
 _T = torch.Tensor

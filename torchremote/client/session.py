@@ -1,9 +1,10 @@
-"""`Worker`: the client's handle on one worker - what it asks of it, around a `ClientProtocol`.
+"""`Session`: the client's session with one worker - what it asks of it, around a `ClientProtocol`.
 
-Calling rules: any thread may use a Worker. Asynchronous ops are queued and sent in batches;
-requests that need an answer (`get`, `item`, `search`, ...) flush the queue from the caller's thread
-and wait for their reply, reading the socket themselves (`client_connection.py` says who reads and
-writes when; `websocket.py` how bytes move).
+It speaks in references (`m.ClientRef`) and local tensors; pointers (`RemoteTensor`) are made by the
+layers above, and `handle.Worker` adds what needs them. Calling rules: any thread may use a session.
+Asynchronous ops are queued and sent in batches; requests that need an answer (`get`, `item`,
+`search`, ...) flush the queue from the caller's thread and wait for their reply, reading the socket
+themselves (`connection.py` says who reads and writes when; `wire/websocket.py` how bytes move).
 """
 from __future__ import annotations
 
@@ -18,43 +19,42 @@ from typing import Any
 
 import torch
 
+from ..wire import codec
+from ..wire import messages as m
+from ..wire._gc import freeze_long_lived
+from ..wire.errors import (ApprovalRequired, TorchRemoteError, WorkerConnectionError, WorkerPermissionError,
+                           from_info)
+from ..wire.messages import ObjectTable
+from ..wire.ops import SET_GRADS_NONE
+from ..wire.protocol import ClientProtocol
+from ..wire.websocket import WebSocket, open_client
+from . import codepickle
 from . import device as devices
-from . import remote_code
-from . import messages as m
-from ._gc import freeze_long_lived
-from .client_connection import ClientConnection, open_connection, send_chunks
-from .websocket import WebSocket, open_client
-from .ops import SET_GRADS_NONE
-from .errors import (ApprovalRequired, TorchRemoteError, WorkerConnectionError, WorkerPermissionError,
-                     from_info)
+from .connection import ClientConnection, open_connection, send_chunks
 from .progress import transfer_bar
-from .protocol import ClientProtocol
-from .store import ObjectTable
-from .dispatch import run_remote
-from .tensor import RemoteTensor
-from . import wire
 
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
 FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
 APPROVAL_POLL_S = (0.05, 1.0)  # get(timeout=) asks how a release request stands this often: first, most
 WAIT_FOR_ACK_BYTES = 1 << 20  # a put this large waits for the worker to run it, instead of a copy
 
-_open_workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+_open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
 
 
 @atexit.register
-def _close_open_workers() -> None:
+def _close_open_sessions() -> None:
     """At exit, close what is still open: each worker frees this client's objects at once, instead
     of keeping them for a resume that will not come."""
-    for worker in list(_open_workers):
+    for session in list(_open_sessions):
         try:
-            worker.close()
+            session.close()
         except Exception:
             pass
 
 
-class Worker:
-    """A connection to a torchremote worker. Create with `torchremote.connect(url)`."""
+class Session:
+    """A session with a torchremote worker, over one connection at a time (resumed after a drop).
+    Users hold it as a `Worker` (`torchremote.connect(url)`)."""
 
     def __init__(self, url: str, *, token: str | None = None, name: str | None = None,
                  timeout: float = 10.0, retry_for: float = 0.0,
@@ -64,7 +64,7 @@ class Worker:
         token = token if token is not None else os.environ.get("TORCHREMOTE_TOKEN")
         self._protocol = ClientProtocol(name or f"client-{os.getpid()}", token)
         self._lock = threading.RLock()        # the protocol's state: held only to queue or take
-        self._grads_to_reset: list[RemoteTensor] = []  # `p.grad = None`, sent as one op before the next
+        self._grads_to_reset: list = []  # pointers whose `.grad = None` is sent as one op before the next
         self._pending: dict[int, Future] = {}
         self._deferred: list[m.Failure] = []
         self._closed: WorkerConnectionError | None = None
@@ -93,7 +93,7 @@ class Worker:
                                             reconnect=self._reopen if welcome.resume_token else None)
         self._connection.start(on_message=self._on_message, flush=self._send_batch, has_queued=self._has_queued,
                                on_lost=self._shutdown, placement=self._protocol.placement)
-        _open_workers.add(self)
+        _open_sessions.add(self)
 
     def _handshake(self, ws: WebSocket, resume: str | None = None, received: int = 0) -> m.Welcome:
         """Hello and Welcome on a new connection: a new session, or with `resume`, this one again."""
@@ -113,11 +113,6 @@ class Worker:
         return ws, self._handshake(ws, self._resume_token, received).received
 
     # --- public API ---
-    def search(self, *tags: str) -> list[RemoteTensor]:
-        """Pointers to the data the worker's owner published with all of these tags."""
-        hits = self._request(m.Search, tuple(tags))
-        return [RemoteTensor._wrap(h.meta, self, h.ref, published=h) for h in hits]
-
     def objects(self) -> ObjectTable:
         """What this client may see on the worker: published data and its own objects."""
         return ObjectTable(self._request(m.ListObjects))
@@ -125,15 +120,6 @@ class Worker:
     def manual_seed(self, seed: int) -> None:
         """Seed the worker's random number generator."""
         self._request(m.ManualSeed, int(seed))
-
-    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run `fn(*args, **kwargs)` on the worker, whole, in one round trip.
-
-        RemoteTensors in the arguments arrive as the worker's tensors; tensors it returns come back
-        as RemoteTensors, other values as they are. `fn` travels with cloudpickle, so the worker
-        must have been started with --allow-code.
-        """
-        return run_remote(self, fn, args, kwargs)
 
     def sync(self) -> None:
         """Wait until every op sent so far has run; raise the first error among them, if any."""
@@ -155,7 +141,7 @@ class Worker:
         self._shutdown(WorkerConnectionError(f"the connection to worker {self.id!r} was closed"))
         self._connection.close()
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> "Session":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -176,7 +162,7 @@ class Worker:
     def deny(self, request_id: int, reason: str = "") -> m.ReleaseInfo:
         return self._request(m.Decide, int(request_id), False, reason)
 
-    # --- used by RemoteTensor and dispatch ---
+    # --- used by the pointer and dispatch layers ---
     def _fetch_when_approved(self, ref: m.Ref, timeout: float) -> torch.Tensor:
         """`get(timeout=)`: the value once the owner approves its release (polled, with back-off)."""
         deadline = time.monotonic() + timeout
@@ -200,15 +186,16 @@ class Worker:
             delay = min(delay * 2, APPROVAL_POLL_S[1])
 
 
-    def _put(self, tensor: torch.Tensor, device: str = "") -> RemoteTensor:
+    def _put(self, tensor: torch.Tensor, device: str = "") -> tuple[m.TensorMeta, m.ClientRef]:
         return self._put_many([tensor], device)[0]
 
-    def _put_many(self, tensors: list[torch.Tensor], device: str = "") -> list[RemoteTensor]:
-        """Send tensors in as few frames as fit (a model's parameters: one frame, not one each).
-        Their bytes have left when this returns, so no snapshot is copied: they may change after."""
+    def _put_many(self, tensors: list[torch.Tensor], device: str = "") -> list[tuple[m.TensorMeta, m.ClientRef]]:
+        """Send tensors in as few frames as fit (a model's parameters: one frame, not one each);
+        returns each one's metadata on the worker and its reference there. Their bytes have left
+        when this returns, so no snapshot is copied: they may change after."""
         out, small = [], 0
         for tensor in tensors:
-            meta = wire.meta_after_transfer(tensor)
+            meta = codec.meta_after_transfer(tensor)
             nbytes = tensor.numel() * tensor.element_size()
             if nbytes <= self._chunk_bytes:
                 self._make_room(nbytes)
@@ -220,7 +207,7 @@ class Worker:
             else:
                 self._check_open()
                 ref = self._put_chunked(tensor, device)
-            out.append(RemoteTensor._wrap(meta, self, ref))
+            out.append((meta, ref))
         if small >= WAIT_FOR_ACK_BYTES:
             self._send_and_wait()
         else:
@@ -229,7 +216,7 @@ class Worker:
 
     def _put_chunked(self, tensor: torch.Tensor, device: str) -> m.ClientRef:
         """A large tensor, one chunk per message: neither side ever holds a second full copy."""
-        header, chunks = wire.split_for_transfer(tensor.detach(), self._chunk_bytes)
+        header, chunks = codec.split_for_transfer(tensor.detach(), self._chunk_bytes)
         with self._lock:
             self._queue_grad_resets()
             ref = self._protocol.put_begin(header, tensor.requires_grad, device)
@@ -267,7 +254,7 @@ class Worker:
                                                      grad_enabled=torch.is_grad_enabled()), op, nbytes)
 
     def _run_sync(self, fn: Any, args: tuple, kwargs: dict, nbytes: int = 0) -> tuple[int, Any]:
-        code = remote_code.dumps(fn)
+        code = codepickle.dumps(fn)
         return self._ask(lambda: self._protocol.run(code, args, kwargs, nbytes=nbytes,
                                                     grad_enabled=torch.is_grad_enabled()),
                          "this function and its local tensors", nbytes + len(code))
@@ -297,7 +284,7 @@ class Worker:
             del self._bars[req_id]
             bar.close()
 
-    def _set_grad_none_later(self, t: RemoteTensor) -> None:
+    def _set_grad_none_later(self, t: Any) -> None:
         """`t.grad = None` on the worker, sent with the others as one op before whatever comes next
         (the list holds `t`, so its pointer cannot be released first)."""
         with self._lock:
@@ -396,7 +383,7 @@ class Worker:
         synchronisation like any failed asynchronous op."""
         try:
             self._flush()
-        except wire.EncodeError as e:
+        except codec.EncodeError as e:
             self._deferred.append(m.Failure(None, None, m.ErrorInfo("TypeError", str(e))))
 
     def _has_queued(self) -> bool:
@@ -434,7 +421,7 @@ class ReleaseHandle:
     """A request to release a tensor's value (`x.request(reason)`): `.id`, and `.status` as the
     worker says now ("pending", "approved", "denied", "released"; "open" for data that needs none)."""
 
-    def __init__(self, worker: Worker, info: m.ReleaseInfo) -> None:
+    def __init__(self, worker: Session, info: m.ReleaseInfo) -> None:
         self._worker = worker
         self.id = info.id
         self._info = info
@@ -449,14 +436,9 @@ class ReleaseHandle:
         return f"ReleaseHandle(id={self.id}, object={self._info.object}, lineage={self._info.lineage!r}, status={self.status!r})"
 
 
-def connect(url: str, token: str | None = None, *, name: str | None = None, timeout: float = 10.0,
-            retry_for: float = 0.0, ssl: ssl_module.SSLContext | None = None,
-            max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES) -> Worker:
-    """Connect to the worker at `url` (ws:// or wss://host:port).
-
-    `token` defaults to $TORCHREMOTE_TOKEN. `retry_for` keeps trying (with back-off) for that many
-    seconds while the worker is not up yet. `ssl` passes a context for wss:// (for example one that
-    trusts a self-signed certificate); certificates are verified by default.
-    """
-    return Worker(url, token=token, name=name, timeout=timeout, retry_for=retry_for, ssl=ssl,
-                  max_message_bytes=max_message_bytes)
+def send_to_worker(url: str, token: str | None, name: str, tensor: torch.Tensor, ticket: str) -> None:
+    """A worker's half of a move: connect to the destination as a client, send `tensor` and hand it
+    over to the slot `ticket` names there (`worker.execution.SendToWorker`)."""
+    with Session(url, token=token, name=name) as destination:
+        _, ref = destination._put(tensor)
+        destination._request(m.Handover, ref, ticket)

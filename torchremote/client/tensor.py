@@ -2,21 +2,34 @@
 
 It is a wrapper subclass on the `remote:i` device with a meta-device stand-in beside it: metadata
 (shape, dtype, strides, requires_grad) is real and answered locally, and anything that slipped past
-interception would fail loudly on meta rather than read garbage. Every torch call on it goes to
-`dispatch.dispatch`. When the last local reference dies, the worker is told to free the object.
+interception would fail loudly on meta rather than read garbage. Every torch call on it goes to the
+dispatcher that `dispatch.py` installs (`use_dispatcher`): this layer sits below it. When the last
+local reference dies, the worker is told to free the object.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
-from . import messages as m
-from . import inference, wire
-from .store import object_id
+from ..wire import codec
+from ..wire import messages as m
+from ..wire.messages import object_id
+from . import inference
+from .session import ReleaseHandle, Session
 
-if TYPE_CHECKING:
-    from .client import ReleaseHandle, Worker
+
+def _no_dispatcher(func: Callable, args: tuple, kwargs: dict) -> Any:
+    raise RuntimeError("torchremote.client.dispatch is not imported: import torchremote")
+
+
+_dispatch: Callable[[Callable, tuple, dict], Any] = _no_dispatcher
+
+
+def use_dispatcher(dispatch: Callable[[Callable, tuple, dict], Any]) -> None:
+    """Every torch call on a RemoteTensor goes to `dispatch(func, args, kwargs)` from now on."""
+    global _dispatch
+    _dispatch = dispatch
 
 
 class RemoteTensor(torch.Tensor):
@@ -27,7 +40,7 @@ class RemoteTensor(torch.Tensor):
 
     _meta: torch.Tensor | None
     _tmeta: m.TensorMeta
-    _worker: "Worker"
+    _worker: "Session"
     _ref: m.Ref
     _published: m.PublishedInfo | None
 
@@ -35,7 +48,7 @@ class RemoteTensor(torch.Tensor):
         raise TypeError("RemoteTensors come from tensor.send(worker), worker.search(tag) or ops on them")
 
     @classmethod
-    def _wrap(cls, tmeta: m.TensorMeta, worker: "Worker", ref: m.Ref, key: "inference.MetaKey | None" = None,
+    def _wrap(cls, tmeta: m.TensorMeta, worker: "Session", ref: m.Ref, key: "inference.MetaKey | None" = None,
               meta: torch.Tensor | None = None, published: m.PublishedInfo | None = None) -> "RemoteTensor":
         """A pointer with this metadata. `key` and `meta` are passed when already known (a cached
         plan shares one key among all its results); requires_grad starts as `tmeta` says."""
@@ -65,7 +78,7 @@ class RemoteTensor(torch.Tensor):
 
     # --- pointer API ---
     @property
-    def worker(self) -> "Worker":
+    def worker(self) -> "Session":
         """The worker that holds this tensor's data."""
         return self._worker
 
@@ -87,14 +100,13 @@ class RemoteTensor(torch.Tensor):
     def request(self, reason: str = "") -> "ReleaseHandle":
         """Ask the worker's owner to release this tensor's value (or say why, for a request filed
         already); returns a handle with `.id` and `.status`."""
-        from .client import ReleaseHandle
         return ReleaseHandle(self._worker, self._worker._request(m.RequestRelease, self._ref, reason))
 
-    def send(self, worker: "Worker") -> "RemoteTensor":
+    def send(self, worker: "Session") -> "RemoteTensor":
         """Already on `worker`: itself. On another worker: `move` it there."""
         return self if worker is self._worker else self.move(worker)
 
-    def move(self, worker: "Worker") -> "RemoteTensor":
+    def move(self, worker: "Session") -> "RemoteTensor":
         """A copy of this tensor on `worker`, sent from worker to worker: the data does not pass
         through this process. The source worker authenticates with `worker`'s token."""
         if worker is self._worker:
@@ -102,7 +114,7 @@ class RemoteTensor(torch.Tensor):
         slot, ticket = worker._ask(lambda: worker._protocol.request(m.Expect), "move")
         # sent after every op queued for the source, so the data it pushes is up to date
         self._worker._request(m.Push, self._ref, worker.url, worker._protocol.token, ticket)
-        meta = wire.meta_after_transfer(self._stand_in())  # a leaf, as the source sends it
+        meta = codec.meta_after_transfer(self._stand_in())  # a leaf, as the source sends it
         return RemoteTensor._wrap(meta, worker, m.ClientRef(slot, 0))
 
     def copy(self) -> "RemoteTensor":
@@ -142,14 +154,14 @@ class RemoteTensor(torch.Tensor):
     # --- interception ---
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        return dispatch(func, args, kwargs or {})
+        return _dispatch(func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        return dispatch(func, args, kwargs or {})
+        return _dispatch(func, args, kwargs or {})
 
 
-def send(tensor: torch.Tensor, worker: "Worker", device: str | torch.device | None = None) -> RemoteTensor:
+def send(tensor: torch.Tensor, worker: "Session", device: str | torch.device | None = None) -> RemoteTensor:
     """Copy a local tensor to `worker`; returns the pointer. Also available as `tensor.send(worker)`.
 
     `device` picks where the worker keeps it ("cuda", "cuda:1"); by default, the worker's --device.
@@ -157,7 +169,12 @@ def send(tensor: torch.Tensor, worker: "Worker", device: str | torch.device | No
     if isinstance(tensor, RemoteTensor):
         return tensor.send(worker)
     check_sendable(tensor)
-    return worker._put(tensor, device_name(device))
+    return put(worker, [tensor], device)[0]
+
+
+def put(worker: "Session", tensors: list[torch.Tensor], device: str | torch.device | None = None) -> list[RemoteTensor]:
+    """Pointers to local tensors sent to `worker` together, in as few frames as fit."""
+    return [RemoteTensor._wrap(meta, worker, ref) for meta, ref in worker._put_many(tensors, device_name(device))]
 
 
 def check_sendable(tensor: Any) -> None:
@@ -167,7 +184,7 @@ def check_sendable(tensor: Any) -> None:
     if tensor.layout != torch.strided:
         raise NotImplementedError(f"send() of a {tensor.layout} tensor: torchremote supports strided "
                                   f"tensors only (send tensor.to_dense())")
-    wire.check_sendable(tensor)
+    codec.check_sendable(tensor)
 
 
 def device_name(device: str | torch.device | None) -> str:
@@ -180,5 +197,3 @@ def get(tensor: torch.Tensor) -> torch.Tensor:
 
 
 torch.Tensor.send = send  # an added method; torch's own functions stay untouched
-
-from .dispatch import dispatch  # noqa: E402  (dispatch needs RemoteTensor)

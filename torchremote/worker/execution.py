@@ -12,18 +12,24 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import messages as m
-from . import ops, wire
-from .device import BACKEND as _REMOTE
-from .errors import WorkerPermissionError, to_info
+from ..wire import codec, ops
+from ..wire import messages as m
+from ..wire.errors import WorkerPermissionError, to_info
+from ..wire.messages import REMOTE_DEVICE_TYPE as _REMOTE, object_id
 from .provenance import BACKWARD_OPS, Derived, Provenance, short_name
 from .releases import ReleaseDesk
-from .store import ObjectStore, object_id
+from .store import ObjectStore
 
 _CONTAINERS = (list, tuple, dict)
 
 _SENDABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
                     torch.memory_format, torch.layout, m.TensorMeta, m.SameAs, slice, type(Ellipsis))
+
+
+# How a worker hands a tensor to another worker in a move: (url, token, client name, tensor, the
+# destination's ticket). The client package provides it (`client.session.send_to_worker`): a worker
+# is then a client of the other one, and this package needs no client of its own.
+SendToWorker = Callable[[str, "str | None", str, torch.Tensor, str], None]
 
 
 class _Poisoned(Exception):
@@ -39,8 +45,10 @@ class Session:
     def __init__(self, store: ObjectStore, client_id: str, *, device: torch.device | str = "cpu",
                  peer: str = "", log: logging.Logger | None = None,
                  max_client_bytes: int | None = None, allow_code: bool = False,
-                 releases: ReleaseDesk | None = None, is_owner: bool = False) -> None:
+                 releases: ReleaseDesk | None = None, is_owner: bool = False,
+                 send_to_worker: SendToWorker | None = None) -> None:
         self.store = store
+        self.send_to_worker = send_to_worker
         self.client_id = client_id
         self.device = torch.device(device)
         self.peer = peer
@@ -63,7 +71,7 @@ class Session:
             m.RequestRelease: self._request_release, m.ReleaseStatus: self._release_status,
             m.ListReleases: self._list_releases, m.Decide: self._decide,
         }
-        self._incoming: dict[int, tuple[wire.Assembly, bool, str]] = {}
+        self._incoming: dict[int, tuple[codec.Assembly, bool, str]] = {}
 
     def run(self, commands: list) -> list:
         """Run a batch in order; returns the replies and failures to send back (maybe none)."""
@@ -185,11 +193,11 @@ class Session:
     def _put_begin(self, cmd: m.PutBegin, out: list) -> None:
         try:
             self._check_new_bytes(cmd.header.nbytes, "send")
-            self._incoming[cmd.op_id] = (wire.Assembly(cmd.header), cmd.requires_grad, cmd.device)
+            self._incoming[cmd.op_id] = (codec.Assembly(cmd.header), cmd.requires_grad, cmd.device)
         except Exception as e:
             self._send_failed(cmd.op_id, e, out)
 
-    def assembly(self, send_id: int) -> wire.Assembly | None:
+    def assembly(self, send_id: int) -> codec.Assembly | None:
         """The tensor a large send is filling, for its chunks to be read straight into."""
         entry = self._incoming.get(send_id)
         return entry[0] if entry is not None else None
@@ -341,7 +349,7 @@ class Session:
             if t.numel() * t.element_size() <= m.CHUNK_BYTES:
                 out.append(m.Reply(cmd.req_id, t))
                 return
-            header, chunks = wire.split_for_transfer(t)
+            header, chunks = codec.split_for_transfer(t)
             out.append(m.Reply(cmd.req_id, header))
             out.extend(m.Chunk(cmd.req_id, offset, data) for offset, data in chunks)
         except _Poisoned as p:
@@ -372,13 +380,14 @@ class Session:
         out.append(m.Reply(cmd.req_id, self.store.issue_ticket(self.client_id, m.ClientRef(cmd.req_id, 0))))
 
     def _push(self, cmd: m.Push, out: list) -> None:
-        from .client import connect  # the source acts as a client of the destination
         try:
+            if self.send_to_worker is None:
+                raise RuntimeError(f"worker {self.store.owner!r} cannot reach other workers: it was started "
+                                   f"without a client to send with (use torchremote.start_worker)")
             t = self._tensor(cmd.ref)
             self._allow_release([(cmd.ref, t)], "a move to another worker")
-            with connect(cmd.url, token=cmd.token, name=f"{self.store.owner}-move") as destination:
-                pointer = destination._put(t.detach())
-                destination._request(m.Handover, pointer._ref, cmd.ticket)
+            # the source acts as a client of the destination
+            self.send_to_worker(cmd.url, cmd.token, f"{self.store.owner}-move", t.detach(), cmd.ticket)
             out.append(m.Reply(cmd.req_id, None))
         except _Poisoned as p:
             out.append(m.Failure(cmd.req_id, None, p.info))

@@ -7,18 +7,15 @@ all back in place as plain tensors, and the worker frees its copies.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from . import tensor as tensor_module
-from .device import BACKEND
+from .session import Session
 from .tensor import RemoteTensor
-
-if TYPE_CHECKING:
-    from .client import Worker
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -42,11 +39,11 @@ def _swap(module: nn.Module, convert_all: Callable[[list], list]) -> None:
         store[name] = done[id(t)]
 
 
-def _send_all(tensors: list, worker: "Worker", device: str | torch.device | None) -> list:
+def _send_all(tensors: list, worker: "Session", device: str | torch.device | None) -> list:
     local = [t.detach() for t in tensors if not isinstance(t, RemoteTensor)]
     for t in local:
         tensor_module.check_sendable(t)
-    sent = iter(worker._put_many(local, tensor_module.device_name(device)))
+    sent = iter(tensor_module.put(worker, local, device))
     return [t.detach().move(worker) if isinstance(t, RemoteTensor) else next(sent) for t in tensors]
 
 
@@ -61,7 +58,7 @@ def _get_all(tensors: list) -> list:
     return [fetched[id(t)] if isinstance(t, RemoteTensor) else t.detach() for t in tensors]
 
 
-def send(obj: Any, worker: "Worker", device: str | torch.device | None = None) -> Any:
+def send(obj: Any, worker: "Session", device: str | torch.device | None = None) -> Any:
     """Send a tensor (returns its pointer) or a module (moved in place, returned) to `worker`.
 
     `device` picks where the worker keeps the data ("cuda"); by default, the worker's --device.
@@ -88,7 +85,7 @@ class on(TorchFunctionMode):
     Modules built inside have their weights initialised there: the data never exists locally.
     """
 
-    def __init__(self, worker: "Worker") -> None:
+    def __init__(self, worker: "Session") -> None:
         super().__init__()
         self.worker = worker
 
@@ -104,29 +101,3 @@ _FACTORIES = frozenset({
     torch.randperm, torch.arange, torch.linspace, torch.logspace, torch.eye, torch.empty_strided,
     torch.scalar_tensor, torch.tensor, torch.as_tensor,
 })
-
-
-# --- factories on a `remote` device: torch routes them to the PrivateUse1 key, which lands here ----
-
-def _factory_fallback(keyset: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    from .device import worker_of
-    from .dispatch import dispatch
-    device = kwargs.get("device")
-    if device is None or torch.device(device).type != BACKEND:
-        raise NotImplementedError(f"{op} has no implementation for tensors on the '{BACKEND}' device")
-    kwargs = {**kwargs, "device": torch.device(device)}
-    return dispatch(op, args, kwargs, worker=worker_of(device))
-
-
-def _copy(dst: Any, src: Any, non_blocking: bool = False) -> Any:
-    from .dispatch import dispatch
-    return dispatch(torch.ops.aten.copy_.default, (dst, src), {"non_blocking": non_blocking})
-
-
-_library = torch.library.Library("_", "IMPL")
-_library.fallback(_factory_fallback, dispatch_key="PrivateUse1", with_keyset=True)
-# Copies into a remote tensor get kernels of their own: `torch.tensor(data, device=remote:i)` copies
-# with the Python dispatch key excluded, where the fallback cannot be reached.
-_aten = torch.library.Library("aten", "IMPL")
-_aten.impl("copy_", _copy, "PrivateUse1")
-_aten.impl("_copy_from", lambda src, dst, non_blocking=False: _copy(dst, src, non_blocking), "PrivateUse1")

@@ -9,33 +9,33 @@ exception. Errors the meta run cannot see surface at the next synchronisation, a
 """
 from __future__ import annotations
 
+import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..wire import codec, ops
+from ..wire import messages as m
+from . import arguments, autograd, inference, registry, tensor
 from . import device as devices
-from . import messages as m
-from . import arguments, inference, ops, remote_code, wire
 from .device import BACKEND
 from .inference import NO_GRAD
+from .session import Session
 from .tensor import RemoteTensor
-
-if TYPE_CHECKING:
-    from .client import Worker
 
 
 _flatten, _unflatten = arguments.flatten, arguments.unflatten
 
 
-def dispatch(func: Callable, args: tuple, kwargs: dict, worker: "Worker | None" = None) -> Any:
+def dispatch(func: Callable, args: tuple, kwargs: dict, worker: "Session | None" = None) -> Any:
     """Run `func` where its RemoteTensors live (or on `worker`, for a factory given its device)."""
-    handler = ops.SPECIAL.get(func)
+    handler = registry.SPECIAL.get(func)
     if handler is not None:
         return handler(func, args, kwargs)
     flat, spec = _flatten(args, kwargs)
-    if func in ops.LOCAL_QUERIES:
+    if func in registry.LOCAL_QUERIES:
         margs, mkwargs = _unflatten([_stand_in(a) for a in flat], spec)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*margs, **mkwargs)
@@ -54,7 +54,7 @@ def remote_call(func: Callable, args: tuple, kwargs: dict, *, sync: bool = False
     return _call_sync(worker, name, flat, spec, _local_bytes(flat))
 
 
-def queue(func: Callable, args: tuple, kwargs: dict, *, returns_self: bool = False) -> tuple["Worker", int]:
+def queue(func: Callable, args: tuple, kwargs: dict, *, returns_self: bool = False) -> tuple["Session", int]:
     """Queue `func` for its worker without planning it here (the caller knows what it returns;
     `returns_self`: the input it changed in place, which needs no pointer of its own)."""
     flat, spec = _flatten(args, kwargs)
@@ -71,7 +71,7 @@ def queue(func: Callable, args: tuple, kwargs: dict, *, returns_self: bool = Fal
     return worker, op_id
 
 
-def wrap_new(meta: m.TensorMeta, worker: "Worker", ref: m.ClientRef) -> RemoteTensor:
+def wrap_new(meta: m.TensorMeta, worker: "Session", ref: m.ClientRef) -> RemoteTensor:
     return RemoteTensor._wrap(meta, worker, ref)
 
 
@@ -95,7 +95,7 @@ def _to_wire(flat: list) -> tuple[list, int]:
     return out, nbytes
 
 
-def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = None) -> Any:
+def _remote(func: Callable, flat: list, spec: Any, worker: "Session | None" = None) -> Any:
     name = ops.name_of(func)
     if name is None:
         _refuse_custom_function_ops(flat)
@@ -103,7 +103,7 @@ def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = Non
         return _decompose(func, flat, spec)
     try:
         worker, key, grad = _scan(func, name, flat, spec, worker)
-    except wire.EncodeError:
+    except codec.EncodeError:
         if not isinstance(func, types.FunctionType):
             raise
         # a Python function given an argument that cannot travel (a module, an options object):
@@ -111,13 +111,13 @@ def _remote(func: Callable, flat: list, spec: Any, worker: "Worker | None" = Non
         _refuse_custom_function_ops(flat)
         return _decompose(func, flat, spec)
     if grad and not torch.is_grad_enabled():  # pointers that require grad, under no_grad
-        remote_code.refuse_inside_custom_function()
+        refuse_inside_custom_function()
     return _call(worker, func, name, flat, spec, key, grad)
 
 
 def _refuse_custom_function_ops(flat: list) -> None:
     if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._rg for a in flat):
-        remote_code.refuse_inside_custom_function()
+        refuse_inside_custom_function()
 
 
 _PLAIN = frozenset({RemoteTensor, float, bool, type(None), torch.dtype})  # nothing to check
@@ -131,14 +131,14 @@ def _check_sendable(name: str, flat: list) -> None:
         if isinstance(a, torch.Tensor):
             _check_local_tensor(name, a)
         else:
-            wire.check_sendable(a)
+            codec.check_sendable(a)
 
 
 def _check_local_tensor(name: str, t: torch.Tensor) -> None:
     """A local tensor operand, which travels with its op."""
     if t.device.type == "meta":
         raise RuntimeError(f"{name}: a meta tensor has no data to send to a worker")
-    wire.check_sendable(t)
+    codec.check_sendable(t)
 
 
 def _decompose(func: Callable, flat: list, spec: Any) -> Any:
@@ -160,7 +160,7 @@ def _decompose(func: Callable, flat: list, spec: Any) -> Any:
         return func(*args, **kwargs)
 
 
-def worker_of(flat: list, worker: "Worker | None" = None) -> "Worker":
+def worker_of(flat: list, worker: "Session | None" = None) -> "Session":
     """The one worker whose tensors (or devices) an op uses; an error naming both if there are two."""
     for a in flat:
         if isinstance(a, RemoteTensor):
@@ -189,7 +189,7 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Worker | None") -> tuple:
+def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Session | None") -> tuple:
     """One pass over a call's arguments: the worker it runs on (an error if there are two), every
     argument checked before anything is queued (a bad one fails alone, losing nothing), and the
     plan's cache key - the op, the arguments' metadata and autograd standing, the grad mode - with
@@ -224,7 +224,7 @@ def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Worker | No
             parts.append(float if elementwise else (float, a))
         elif kind is int:
             if not -(1 << 63) <= a < (1 << 64):
-                wire.check_sendable(a)  # raises: it does not fit in 64 bits
+                codec.check_sendable(a)  # raises: it does not fit in 64 bits
             parts.append((int, a))
         elif kind is bool or a is None:
             parts.append((kind, a))
@@ -239,7 +239,7 @@ def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Worker | No
                 _mixed(worker, other)
             parts.append((torch.device, a))
         else:
-            wire.check_sendable(a)
+            codec.check_sendable(a)
             parts.append((slice, a.start, a.stop, a.step) if kind is slice else (kind, a))
     if worker is None:
         raise RuntimeError("no RemoteTensor among the arguments")
@@ -251,7 +251,7 @@ def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Worker | No
     return worker, key, grad
 
 
-def _mixed(worker: "Worker", other: "Worker") -> None:
+def _mixed(worker: "Session", other: "Session") -> None:
     raise RuntimeError(
         f"this op mixes tensors on worker {worker.id!r} ({worker.device}) and worker "
         f"{other.id!r} ({other.device}); bring them to one worker first, for example "
@@ -279,7 +279,7 @@ def _plan(func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool
     return inference.plan(func, name, key, inputs, standings, spec)
 
 
-def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool) -> Any:
+def _call(worker: "Session", func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool) -> Any:
     plan = _plan(func, name, flat, spec, key, grad)
     if plan is None:
         return _call_sync(worker, name, flat, spec, _local_bytes(flat))
@@ -324,13 +324,13 @@ def _call(worker: "Worker", func: Callable, name: str, flat: list, spec: Any, ke
     return tree_unflatten(results, plan.spec)
 
 
-def _call_sync(worker: "Worker", name: str, flat: list, spec: Any, nbytes: int) -> Any:
+def _call_sync(worker: "Session", name: str, flat: list, spec: Any, nbytes: int) -> Any:
     args, kwargs = _unflatten([a._ref if isinstance(a, RemoteTensor) else a for a in flat], spec)
     op_id, value = worker._call_sync(name, args, kwargs, nbytes)
     return _rebuild(worker, op_id, value, flat, name)
 
 
-def run_remote(worker: "Worker", fn: Callable, args: tuple, kwargs: dict) -> Any:
+def run_remote(worker: "Session", fn: Callable, args: tuple, kwargs: dict) -> Any:
     """Run a client function on `worker` in one round trip: pointers in, pointers (or values) out."""
     flat, spec = tree_flatten((args, kwargs))
     worker = worker_of(flat, worker)
@@ -341,7 +341,7 @@ def run_remote(worker: "Worker", fn: Callable, args: tuple, kwargs: dict) -> Any
     return _rebuild(worker, op_id, value, flat, getattr(fn, "__qualname__", "run"))
 
 
-def _rebuild(worker: "Worker", op_id: int, value: Any, flat: list, name: str) -> Any:
+def _rebuild(worker: "Session", op_id: int, value: Any, flat: list, name: str) -> Any:
     """RemoteTensors for the tensors in a synchronous reply (the inputs themselves where they were)."""
     inputs = {a._ref: a for a in flat if isinstance(a, RemoteTensor)}
     leaves, out_spec = tree_flatten(value)
@@ -361,4 +361,21 @@ def _rebuild(worker: "Worker", op_id: int, value: Any, flat: list, name: str) ->
     return tree_unflatten(results, out_spec)
 
 
-from . import autograd, special  # noqa: E402,F401  (registers the special handlers)
+def refuse_inside_custom_function() -> None:
+    """A custom autograd.Function's forward running op by op on pointers would lose its backward on
+    the worker (the worker sees plain ops run without grad). Say so, instead of training wrongly."""
+    frame = sys._getframe(3)
+    for _ in range(8):
+        if frame is None:
+            return
+        ctx = frame.f_locals.get("ctx") if frame.f_code.co_name == "forward" else None
+        if isinstance(ctx, torch.autograd.function.FunctionCtx):
+            owner = type(ctx).__name__.removesuffix("Backward")
+            raise RuntimeError(
+                f"the custom autograd.Function {owner!r} is running on RemoteTensors op by op, so its "
+                f"backward would not exist on the worker. Decorate it with @torchremote.remote to run "
+                f"it whole on the worker (which must be started with --allow-code)")
+        frame = frame.f_back
+
+
+tensor.use_dispatcher(dispatch)

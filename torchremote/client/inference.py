@@ -18,9 +18,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten
 
+from ..wire.messages import TensorMeta
 from . import arguments
-
-from .messages import TensorMeta
 
 MAX_ENTRIES = 65536
 

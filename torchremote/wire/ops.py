@@ -1,4 +1,4 @@
-"""The op vocabulary: torch callable <-> stable name, the worker's allow-list, special handlers.
+"""The op vocabulary both sides share: torch callable <-> stable name, and the worker's allow-list.
 
 Names come from `torch.overrides.resolve_name` ("torch.add", "torch.Tensor.add",
 "torch.Tensor.__radd__", "torch.Tensor.T.__get__", "torch.nn.functional.relu", ...), plus ATen
@@ -136,35 +136,3 @@ def _resolve_property(name: str) -> Callable | None:
         return None
     descriptor = _TensorBase.__dict__.get(parts[2])
     return getattr(descriptor, parts[3]) if isinstance(descriptor, _GETSET) else None
-
-
-# --- calls answered on the client, from the meta stand-in, without a message ----------------------
-# (shape, size(), dtype, dim() and the dtype tests are answered from the pointer's own metadata in
-# special.py; requires_grad, is_leaf, grad_fn and .grad from autograd.py's bookkeeping)
-
-_T = torch.Tensor
-LOCAL_QUERIES: frozenset = frozenset({
-    *(getattr(_T, p).__get__ for p in (
-        "layout", "is_sparse",
-        "is_sparse_csr", "is_quantized", "is_mkldnn", "is_nested", "is_cuda", "is_xpu", "is_mps",
-        "is_cpu", "itemsize", "nbytes", "output_nr", "_version",
-    )),
-    _T.stride, _T.numel, _T.nelement, _T.element_size,
-    _T.is_contiguous, _T.is_signed, _T.storage_offset,
-    _T.is_conj, _T.is_neg, _T.is_inference, _T.__len__, _T.dim_order,
-    torch.numel, torch.is_conj, torch.is_neg,
-    torch.is_inference, torch.is_same_size, torch.result_type,
-})
-
-# --- the few calls that need their own implementation: `@implements(func)` -----------------------
-
-SPECIAL: dict[Any, Callable] = {}
-
-
-def implements(*funcs: Any) -> Callable[[Callable], Callable]:
-    """Register `handler(func, args, kwargs)` for calls the generic path must not take."""
-    def register(handler: Callable) -> Callable:
-        for f in funcs:
-            SPECIAL[f] = handler
-        return handler
-    return register

@@ -1,0 +1,35 @@
+"""The `remote` device's kernels: what torch runs for factories and copies aimed at `remote:i`.
+
+`torch.zeros(n, device=x.device)` has no tensor argument, so `__torch_function__` never sees it; torch
+routes it to the PrivateUse1 key, whose Python fallback registered here hands it to dispatch with
+the worker its device names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .device import BACKEND, worker_of
+from .dispatch import dispatch
+
+
+def _factory_fallback(keyset: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    device = kwargs.get("device")
+    if device is None or torch.device(device).type != BACKEND:
+        raise NotImplementedError(f"{op} has no implementation for tensors on the '{BACKEND}' device")
+    kwargs = {**kwargs, "device": torch.device(device)}
+    return dispatch(op, args, kwargs, worker=worker_of(device))
+
+
+def _copy(dst: Any, src: Any, non_blocking: bool = False) -> Any:
+    return dispatch(torch.ops.aten.copy_.default, (dst, src), {"non_blocking": non_blocking})
+
+
+_library = torch.library.Library("_", "IMPL")
+_library.fallback(_factory_fallback, dispatch_key="PrivateUse1", with_keyset=True)
+# Copies into a remote tensor get kernels of their own: `torch.tensor(data, device=remote:i)` copies
+# with the Python dispatch key excluded, where the fallback cannot be reached.
+_aten = torch.library.Library("aten", "IMPL")
+_aten.impl("copy_", _copy, "PrivateUse1")
+_aten.impl("_copy_from", lambda src, dst, non_blocking=False: _copy(dst, src, non_blocking), "PrivateUse1")

@@ -1,0 +1,20 @@
+"""`start_worker`: a worker in this process, wired to the client it uses to reach other workers.
+
+The worker package imports no client code; a move from one worker to another needs one (the source
+connects to the destination as a client), so the two meet here, above both.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .client.session import send_to_worker
+from .worker.server import WorkerServer
+
+
+def start_worker(id: str = "worker", host: str = "127.0.0.1", port: int = 0, **options: Any) -> WorkerServer:
+    """Start a worker serving from a background thread; returns at once. Port 0 picks a free port.
+
+    Options are `WorkerServer`'s: token, owner_token, device, max_message_bytes, max_client_bytes,
+    max_clients, resume_grace, certfile, keyfile, allow_code, insecure, verbose, log_file."""
+    options.setdefault("send_to_worker", send_to_worker)
+    return WorkerServer(id, host, port, **options)
