@@ -28,7 +28,7 @@ import torchremote as tr
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # The one list of op variants known not to match, with why (float32 and autograd passes). The tests
-# in tests/test_conformance.py fail if one of these starts to match, so the list stays true.
+# in tests/end_to_end/test_conformance.py fail if one of these starts to match, so the list stays true.
 KNOWN_FAILURES = {
     "to_sparse (function)": "sparse results: torchremote supports strided tensors only",
     "to_sparse (method)": "sparse results: torchremote supports strided tensors only",
@@ -48,7 +48,7 @@ for _lazy in ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d"
     KNOWN_FAILURES[f"nn.Lazy{_lazy} (module)"] = (
         "a lazy module has no parameters to send before its first forward: run one forward locally "
         "(or build it under tr.on(worker)) before tr.send")
-# The fast slices that `make test` runs (tests/test_conformance.py): every op whose name starts so.
+# The fast slices that `make test` runs (tests/end_to_end/test_conformance.py): every op whose name starts so.
 FAST_SLICE = ("a", "b", "c", "e", "masked.", "nn.functional.", "linalg.", "to")
 FAST_AUTOGRAD_SLICE = ("a", "c", "d", "m", "nn.functional.", "split", "to", "norm", "linalg.norm")
 FAST_MODULE_SLICE = ("nn.Linear", "nn.Conv2d", "nn.BatchNorm2d", "nn.LayerNorm", "nn.Embedding", "nn.LSTM",

@@ -7,7 +7,7 @@ empty list. Every message from the worker goes to `receive_data()`, which return
 `Failure` and `Ack` items. `release()` may be called from any thread, a garbage collector included; the other
 methods need the caller's lock. The worker side is the mirror image (`ServerProtocol`).
 
-Two of these wired back to back (see tests/test_protocol.py) exercise the whole protocol without I/O.
+Two of these wired back to back (see tests/wire/test_protocol.py) exercise the whole protocol without I/O.
 """
 from __future__ import annotations
 

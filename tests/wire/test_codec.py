@@ -1,4 +1,4 @@
-"""wire.py: tensors round-trip bit-exactly; messages round-trip both ways; decoding is total."""
+"""codec.py: tensors round-trip bit-exactly; messages round-trip both ways; decoding is total."""
 from __future__ import annotations
 
 import struct

@@ -1,4 +1,4 @@
-"""Autograd bookkeeping on the client (torchremote/autograd.py): what torch answers locally -
+"""Autograd bookkeeping on the client (torchremote/client/autograd.py): what torch answers locally -
 requires_grad, is_leaf, grad_fn, which tensors hold a .grad - is answered with no round trip and
 equals local torch; gradients themselves are the worker's, and equal local torch's."""
 from __future__ import annotations
