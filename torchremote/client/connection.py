@@ -95,7 +95,8 @@ class ClientConnection:
         """Send one frame, `send_lock` held. The frame is kept for a replay, copied if it points
         into tensors the caller may change once it returns (unless the caller waits until the
         worker has run it). A failed write is not an error here: the frame is kept, and the reader
-        that finds the connection dropped resumes and sends it again."""
+        that finds the connection dropped resumes and sends it again. Without resuming, it raises
+        `WorkerConnectionError`; the caller fails the waiters after letting the send lock go."""
         if self._lost_error is not None:
             raise WorkerConnectionError(str(self._lost_error))
         if self._reconnect is not None and not caller_waits and payload_bytes(chunks):
@@ -106,8 +107,10 @@ class ClientConnection:
         try:
             ws.send(chunks)
         except ConnectionClosed as e:
-            if self._reconnect is None:
-                self._lost(str(e))
+            if self._reconnect is None:  # the caller reports it (on_lost) once the send lock is free
+                if self._lost_error is None:
+                    self._lost_error = WorkerConnectionError(
+                        f"lost the connection to worker {self.name!r} at {self.url}: {e}")
                 raise WorkerConnectionError(str(self._lost_error)) from e
             close_socket(ws.sock)  # a reader blocked on it returns, and resumes
             self._wake.set()
@@ -191,47 +194,51 @@ class ClientConnection:
             self.resuming = False
 
     def _reconnect_and_replay(self, started: float, deadline: float, why: str) -> None:
-        """Attempts until one resumes, the session is gone, or `deadline` passes."""
+        """Attempts until one resumes, the session is gone, or `deadline` passes. A failure is
+        reported after the send lock is let go: reporting takes the session's lock, which a caller
+        flushing a batch holds while it waits for the send lock."""
+        with self.send_lock:
+            failure = self._attempt_resumes(started, deadline, why)
+        if failure is not None:
+            self._lost(failure)
+
+    def _attempt_resumes(self, started: float, deadline: float, why: str) -> str | None:
+        """None once resumed; otherwise why the session is lost. The send lock is held."""
         delay, most = RECONNECT_DELAY_S
         last = ""
-        with self.send_lock:
-            while not self._stopping:
+        while not self._stopping:
+            try:
+                ws, processed = self._reconnect(self.received)
+            except SessionInUseError as e:  # the worker has not seen the old connection drop yet
+                last = str(e)
+            except TorchRemoteError as e:  # the session is gone, or the worker refuses
+                return f"{why}; resuming failed: {e}"
+            except ConnectionRefusedError:  # the host is there and nothing listens: the worker is gone
+                return f"{why}; nothing listens at {self.url} any more"
+            except (OSError, TimeoutError, ConnectionClosed) as e:  # not reachable yet
+                last = str(e) or type(e).__name__
+            else:
                 try:
-                    ws, processed = self._reconnect(self.received)
-                except SessionInUseError as e:  # the worker has not seen the old connection drop yet
-                    last = str(e)
-                except TorchRemoteError as e:  # the session is gone, or the worker refuses
-                    self._lost(f"{why}; resuming failed: {e}")
-                    return
-                except ConnectionRefusedError:  # the host is there and nothing listens: the worker is gone
-                    self._lost(f"{why}; nothing listens at {self.url} any more")
-                    return
-                except (OSError, TimeoutError, ConnectionClosed) as e:  # not reachable yet
-                    last = str(e) or type(e).__name__
+                    self.acknowledged(processed)
+                    for frame in self.sent.since(processed):
+                        ws.send(frame)
+                except ConnectionClosed:
+                    close_socket(ws.sock)
+                except TorchRemoteError as e:
+                    close_socket(ws.sock)
+                    return f"{why}; resuming failed: {e}"
                 else:
-                    try:
-                        self.acknowledged(processed)
-                        for frame in self.sent.since(processed):
-                            ws.send(frame)
-                    except ConnectionClosed:
-                        close_socket(ws.sock)
-                    except TorchRemoteError as e:
-                        close_socket(ws.sock)
-                        self._lost(f"{why}; resuming failed: {e}")
-                        return
-                    else:
-                        self.ws = ws
-                        log.info("torchremote: resumed the session with worker %r after %.2f s",
-                                 self.name, time.monotonic() - started)
-                        return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._lost(f"{why}; no resume within the worker's grace period of {self._grace_s:g} s "
-                               f"(last attempt: {last})")
-                    return
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, most)
-            self._lost(why)
+                    self.ws = ws
+                    log.info("torchremote: resumed the session with worker %r after %.2f s",
+                             self.name, time.monotonic() - started)
+                    return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return (f"{why}; no resume within the worker's grace period of {self._grace_s:g} s "
+                        f"(last attempt: {last})")
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, most)
+        return why
 
     def _lost(self, why: str) -> None:
         if self._lost_error is None:

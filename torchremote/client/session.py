@@ -373,10 +373,13 @@ class Session:
         try:
             connection.send_locked(self._protocol.encode(items), caller_waits=caller_waits)
         except WorkerConnectionError as e:
-            self._shutdown(e)
-            raise
+            failure = e
+        else:
+            return
         finally:
             connection.send_lock.release()
+        self._shutdown(failure)  # takes the state lock: never while holding the send lock
+        raise failure
 
     def _send_batch(self) -> None:
         """The pump's flush: an argument the wire cannot carry fails its batch, reported at the next
