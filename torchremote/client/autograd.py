@@ -240,11 +240,12 @@ def _receives(t: RemoteTensor, create_graph: bool, retained: bool, new: list) ->
         new.append((t, grad_meta(t, create_graph, contiguous=retained)))
 
 
-def new_grads(tensors: list, grads: list, inputs: list, create_graph: bool) -> list:
-    """Check the roots, walk the graph; the tensors that get a new `.grad` object, with its metadata."""
+def receivers(tensors: list, grads: list, inputs: list) -> list[tuple[RemoteTensor, bool]]:
+    """Check the roots and walk the graph: the tensors a backward gives a gradient, each with
+    whether it is a retain_grad() tensor (a non-leaf) rather than a leaf."""
     roots = check_roots(tensors, grads)
     seen, leaves, nodes = walk(roots)
-    new: list = []
+    out: list = []
     targets = None
     if inputs:
         targets = set()
@@ -254,12 +255,19 @@ def new_grads(tensors: list, grads: list, inputs: list, create_graph: bool) -> l
                 raise RuntimeError("One of the differentiated Tensors does not require grad")
             targets.add(id(e))
             if id(e) in seen:
-                _receives(t, create_graph, isinstance(e, Node), new)
+                out.append((t, isinstance(e, Node)))
     else:
-        for leaf in leaves:
-            _receives(leaf, create_graph, False, new)
+        out.extend((leaf, False) for leaf in leaves)
     for node in nodes:  # retain_grad() tensors whose node the engine runs
         t = node.retained() if node.retained is not None else None
         if t is not None and t._grad_node is node and (targets is None or targets & walk([node])[0]):
-            _receives(t, create_graph, True, new)
+            out.append((t, True))
+    return out
+
+
+def new_grads(receiving: list[tuple[RemoteTensor, bool]], create_graph: bool) -> list:
+    """The tensors that get a new `.grad` object from a backward, with its metadata."""
+    new: list = []
+    for t, retained in receiving:
+        _receives(t, create_graph, retained, new)
     return new

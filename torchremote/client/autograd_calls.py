@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..wire import messages as m
 from ..wire.ops import GRADS_OF
 from . import autograd
 from .dispatch import queue, remote_call, wrap_new
+from .identity import raw
 from .registry import implements
 from .tensor import RemoteTensor
 
@@ -51,10 +54,17 @@ def _run_backward(func: Any, args: tuple, kwargs: dict, tensors: list, grads: li
     gradients, with no message per parameter."""
     if len(grads) != len(tensors):
         raise RuntimeError(f"got {len(grads)} gradients for {len(tensors)} tensors")
-    new = autograd.new_grads(tensors, grads, inputs, create_graph)
+    receiving = autograd.receivers(tensors, grads, inputs)
+    hooked = _hooked(receiving)
+    new = autograd.new_grads(receiving, create_graph)
     worker, _ = queue(func, args, kwargs)
-    if not new:
-        return
+    if new:
+        _name_new_grads(worker, new, tensors, grads, create_graph)
+    if hooked:
+        _run_hooks(hooked, create_graph)
+
+
+def _name_new_grads(worker: Any, new: list, tensors: list, grads: list, create_graph: bool) -> None:
     op_id = worker._call(GRADS_OF, tuple(t._ref for t, _ in new), {})
     history = (tuple(e for e in (autograd.edge_of(t) for t in tensors) if e is not None)
                + tuple(e for e in (autograd.edge_of(g) for g in grads if isinstance(g, RemoteTensor)) if e is not None))
@@ -63,6 +73,91 @@ def _run_backward(func: Any, args: tuple, kwargs: dict, tensors: list, grads: li
         if create_graph:  # a gradient with a graph of its own: its history reaches the backward's
             g._grad_node = autograd.Node("AccumulateGradBackward", history)
         t._grad_ptr = g
+
+
+# --- tensor hooks: kept where torch keeps them, run on the client once the worker's backward is done
+
+def _hooked(receiving: list) -> list:
+    """The leaves receiving a gradient that have hooks. The gradient a backward hook is given is the
+    incoming one alone, so a leaf's `.grad` so far is set aside (its object kept, to accumulate into)."""
+    hooked = []
+    for t, retained in receiving:
+        if retained:
+            continue
+        hooks, post = raw(_T._backward_hooks, t), raw(_T._post_accumulate_grad_hooks, t)
+        if hooks or post:
+            before = t._grad_ptr if hooks else None
+            if before is not None:
+                _grad_set(_T.grad.__set__, (t, None), {})
+            hooked.append((t, hooks, post, before))
+    return hooked
+
+
+def _run_hooks(hooked: list, create_graph: bool) -> None:
+    """What torch's AccumulateGrad does with hooks: each backward hook may replace the incoming
+    gradient; the result is accumulated into `.grad`; then the post-accumulate hooks see the tensor.
+    They run here after the worker's whole backward, not during it: for leaves the values are the
+    same, since nothing downstream of a leaf's gradient is computed from it."""
+    with torch.set_grad_enabled(create_graph):
+        for t, hooks, post, before in hooked:
+            if hooks:
+                grad = incoming = t._grad_ptr
+                for hook in tuple(hooks.values()):
+                    result = hook(grad)
+                    if result is not None:
+                        grad = result
+                if before is not None:
+                    grad = before + grad if create_graph else before.add_(grad)
+                if grad is not incoming:
+                    _grad_set(_T.grad.__set__, (t, grad), {})
+            for hook in tuple(post.values()) if post else ():
+                hook(t)
+
+
+def _add_hook(attr: Any, t: RemoteTensor, hook: Any) -> RemovableHandle:
+    hooks = raw(attr, t)
+    if hooks is None:
+        hooks = OrderedDict()
+        with torch._C.DisableTorchFunctionSubclass():
+            attr.__set__(t, hooks)
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    return handle
+
+
+@implements(_T.register_hook)
+def _register_hook(func: Any, args: tuple, kwargs: dict) -> RemovableHandle:
+    t, hook = _bind_hook(*args, **kwargs)
+    if autograd.edge_of(t) is None:
+        raise RuntimeError("cannot register a hook on a tensor that doesn't require gradient")
+    if not _is_leaf(func, (t,), {}):
+        raise NotImplementedError(
+            "a hook on a RemoteTensor that is not a leaf would have to run in the middle of the "
+            "worker's backward pass, which torchremote does not interrupt; hook a leaf (a parameter or "
+            "an input that requires grad), or take this gradient with torch.autograd.grad")
+    return _add_hook(_T._backward_hooks, t, hook)
+
+
+@implements(_T.register_post_accumulate_grad_hook)
+def _register_post_accumulate_grad_hook(func: Any, args: tuple, kwargs: dict) -> RemovableHandle:
+    t, hook = _bind_hook(*args, **kwargs)
+    if autograd.edge_of(t) is None:
+        raise RuntimeError("cannot register a hook on a tensor that doesn't require gradient")
+    if not _is_leaf(func, (t,), {}):
+        raise RuntimeError("post accumulate grad hooks cannot be registered on non-leaf tensors")
+    return _add_hook(_T._post_accumulate_grad_hooks, t, hook)
+
+
+def _bind_hook(self: Any, hook: Any) -> tuple:
+    return self, hook
+
+
+@implements(_T._backward_hooks.__get__, _T._backward_hooks.__set__,
+            _T._post_accumulate_grad_hooks.__get__, _T._post_accumulate_grad_hooks.__set__)
+def _hook_dict(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Kept on the Python object, as for any tensor; the client reads them at backward."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
 
 
 @implements(torch.autograd.grad)

@@ -37,6 +37,9 @@ def _register_backend() -> None:
     module._is_in_bad_fork = lambda: False
     module.manual_seed_all = lambda seed: None
     torch._register_device_module(BACKEND, module)
+    # x.remote(), model.remote(i), x.is_remote: torch's own methods for a renamed backend, as .cuda()
+    torch.utils.generate_methods_for_privateuse1_backend(for_tensor=True, for_module=True,
+                                                         for_packed_sequence=True, for_storage=False)
 
 
 _register_backend()

@@ -1,9 +1,9 @@
 """Models on a worker: `send`/`get` of whole modules, and `on(worker)` to build them there.
 
-`send(model, worker)` swaps every parameter and buffer for a pointer in place. Parameters stay
-`nn.Parameter`s (a RemoteTensor marked as one, as torch does for tensor subclasses), tied weights
-stay tied, and optimizers created afterwards see the remote parameters. `get(model)` brings them
-all back in place as plain tensors, and the worker frees its copies.
+`send(model, worker)` moves every parameter and buffer in place, as `model.to(device)` does:
+parameters keep their objects (`identity.become`), so tied weights stay tied and optimizers, hooks
+and `.grad` made before stay valid; buffers are replaced, as torch replaces them. `get(model)`
+brings them all back the same way, and the worker frees its copies.
 """
 from __future__ import annotations
 
@@ -14,15 +14,16 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from . import tensor as tensor_module
+from .identity import become
 from .session import Session
 from .tensor import RemoteTensor
 
 M = TypeVar("M", bound=nn.Module)
 
 
-def _swap(module: nn.Module, convert_all: Callable[[list], list]) -> None:
-    """Replace every parameter and buffer, converting all the distinct tensors in one go
-    (`convert_all(tensors) -> new tensors`, so transfers batch); tied weights stay tied."""
+def _move(module: nn.Module, convert_all: Callable[[list], list]) -> None:
+    """Move every parameter and buffer, converting all the distinct tensors in one go
+    (`convert_all(tensors) -> new tensors`, so transfers batch); a tensor held twice moves once."""
     slots, distinct = [], {}
     for mod in module.modules():
         for store, as_param in ((mod._parameters, True), (mod._buffers, False)):
@@ -31,12 +32,15 @@ def _swap(module: nn.Module, convert_all: Callable[[list], list]) -> None:
                     slots.append((store, name, t, as_param))
                     distinct.setdefault(id(t), t)
     converted = dict(zip(distinct, convert_all(list(distinct.values()))))
-    done: dict[int, Any] = {}
+    done: set[int] = set()
     for store, name, t, as_param in slots:
-        if id(t) not in done:
+        if as_param:
             new = converted[id(t)]
-            done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if as_param else new
-        store[name] = done[id(t)]
+            if id(t) not in done and (isinstance(t, RemoteTensor) or isinstance(new, RemoteTensor)):
+                done.add(id(t))
+                become(t, new)
+        else:
+            store[name] = converted[id(t)]
 
 
 def _send_all(tensors: list, worker: "Session", device: str | torch.device | None) -> list:
@@ -65,7 +69,7 @@ def send(obj: Any, worker: "Session", device: str | torch.device | None = None) 
     A module's parameters and buffers travel together, in as few messages as fit.
     """
     if isinstance(obj, nn.Module):
-        _swap(obj, lambda tensors: _send_all(tensors, worker, device))
+        _move(obj, lambda tensors: _send_all(tensors, worker, device))
         return obj
     return tensor_module.send(obj, worker, device)
 
@@ -74,7 +78,7 @@ def get(obj: Any) -> Any:
     """Fetch a RemoteTensor (returns a plain tensor) or a module (fetched in place, returned, in
     one round trip per worker)."""
     if isinstance(obj, nn.Module):
-        _swap(obj, _get_all)
+        _move(obj, _get_all)
         return obj
     return tensor_module.get(obj)
 

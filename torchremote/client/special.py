@@ -1,5 +1,6 @@
 """The few torch calls a RemoteTensor answers differently from the generic dispatch path: its device,
-metadata the pointer holds, fetches (`cpu()`, `to("cpu")`, `numpy()`), iteration, deepcopy."""
+metadata the pointer holds, fetches (`cpu()`, `to("cpu")`, `numpy()`), `.data =` across devices,
+iteration, deepcopy."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,7 @@ import torch
 
 from .device import BACKEND
 from .dispatch import remote_call
+from .identity import become
 from .registry import implements
 from .tensor import RemoteTensor
 
@@ -17,6 +19,11 @@ _T = torch.Tensor
 @implements(_T.device.__get__)
 def _device(func: Any, args: tuple, kwargs: dict) -> torch.device:
     return args[0]._worker.device
+
+
+@implements(getattr(_T, f"is_{BACKEND}").__get__)
+def _is_remote(func: Any, args: tuple, kwargs: dict) -> bool:
+    return True
 
 
 @implements(_T.is_meta.__get__)
@@ -91,6 +98,8 @@ def _cpu(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
 @implements(_T.to)
 def _to(func: Any, args: tuple, kwargs: dict) -> Any:
     x = args[0]
+    if _changes_nothing(x, args[1:], kwargs):
+        return x  # as torch returns self: no message (a second model.to(device) sends nothing)
     device = _target_device(args[1:], kwargs)
     if device is None or device == x._worker.device:
         return remote_call(func, args, kwargs)
@@ -106,6 +115,55 @@ def _copy(func: Any, args: tuple, kwargs: dict) -> Any:
     if not isinstance(dst, RemoteTensor) and isinstance(src, RemoteTensor):
         return dst.copy_(src.get(), *args[2:], **kwargs)  # into a local tensor: a fetch
     return remote_call(func, args, kwargs)
+
+
+def _changes_nothing(x: RemoteTensor, args: tuple, kwargs: dict) -> bool:
+    if kwargs.get("copy") or any(type(a) is bool for a in args[1:]):  # copy=, or non_blocking/copy given positionally
+        return False
+    try:
+        device, dtype, _, memory_format = torch._C._nn._parse_to(
+            *args, **{k: v for k, v in kwargs.items() if k not in ("non_blocking", "copy")})
+    except (TypeError, RuntimeError):
+        return False  # not a form torch parses: the worker gives torch's error
+    return ((device is None or device == x._worker.device) and (dtype is None or dtype == x.dtype)
+            and memory_format in (None, torch.preserve_format))
+
+
+@implements(getattr(_T, BACKEND))
+def _to_backend(func: Any, args: tuple, kwargs: dict) -> Any:
+    """`x.remote(i)`, torch's generated method for the backend (as `x.cuda(i)`), on a RemoteTensor."""
+    x, device, non_blocking, options = _bind_to_backend(*args, **kwargs)
+    if device is None or isinstance(device, int):
+        device = torch.device(BACKEND, getattr(torch, BACKEND).current_device() if device is None else device)
+    return x.to(device=torch.device(device), non_blocking=non_blocking, **options)
+
+
+def _bind_to_backend(self: Any, device: Any = None, non_blocking: bool = False, **options: Any) -> tuple:
+    return self, device, non_blocking, options
+
+
+@implements(_T.data.__set__)
+def _set_data(func: Any, args: tuple, kwargs: dict) -> None:
+    """`t.data = value`: the object `t` stays and holds `value`'s data, its metadata with it. This
+    is how nn.Module.to() moves a Parameter (see `_compatible_shallow_copy`)."""
+    t, value = args
+    if value is t:
+        return None  # model.to(device) of a model already there: nothing to send
+    if isinstance(t, RemoteTensor) and isinstance(value, RemoteTensor) and t._worker is not value._worker:
+        raise RuntimeError(f"tensor lives on worker {t._worker.id!r} ({t.device}), the new data on "
+                           f"{value._worker.id!r} ({value.device}): move it first (value.move(worker))")
+    become(t, value)
+
+
+@implements(torch._has_compatible_shallow_copy_type)
+def _compatible_shallow_copy(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether `a.data = b` keeps the object `a` (it does, between a worker and this process: see
+    `identity.py`). `nn.Module.to("cpu")` asks this, so a model fetched back keeps its Parameters."""
+    a, b = args
+    if isinstance(a, RemoteTensor) and isinstance(b, RemoteTensor):
+        return a._worker is b._worker
+    local = b if isinstance(a, RemoteTensor) else a
+    return local.layout == torch.strided
 
 
 def _target_device(args: tuple, kwargs: dict) -> torch.device | None:

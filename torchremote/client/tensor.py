@@ -32,17 +32,31 @@ def use_dispatcher(dispatch: Callable[[Callable, tuple, dict], Any]) -> None:
     _dispatch = dispatch
 
 
+class _Lease:
+    """Shared ownership of one worker object by several pointers (made by `__tensor_unflatten__`):
+    the worker frees it when the last of them is gone."""
+
+    __slots__ = ("worker", "ref")
+
+    def __init__(self, worker: "Session", ref: m.Ref) -> None:
+        self.worker, self.ref = worker, ref
+
+    def __del__(self) -> None:
+        if type(self.ref) is m.ClientRef:
+            self.worker._release(self.ref)
+
+
 class RemoteTensor(torch.Tensor):
     # _tmeta/_key: metadata and its cache key; _meta: the meta stand-in, made when first needed.
     # _rg, _grad_node, _grad_ptr, _view_base, _fam_version: autograd bookkeeping (see autograd.py).
-    __slots__ = ("_meta", "_tmeta", "_key", "_worker", "_ref", "_published",
-                 "_rg", "_grad_node", "_grad_ptr", "_view_base", "_fam_version")
-
+    # No __slots__: torch.utils.swap_tensors, with which a Parameter keeps its object when its data
+    # moves (`identity.py`), needs the same slots on both sides, and Parameter has none.
     _meta: torch.Tensor | None
     _tmeta: m.TensorMeta
     _worker: "Session"
     _ref: m.Ref
     _published: m.PublishedInfo | None
+    _lease: _Lease | None = None  # set once the worker object is shared with another pointer
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "RemoteTensor":
         raise TypeError("RemoteTensors come from tensor.send(worker), worker.search(tag) or ops on them")
@@ -148,8 +162,30 @@ class RemoteTensor(torch.Tensor):
 
     def __del__(self) -> None:
         ref = getattr(self, "_ref", None)
-        if type(ref) is m.ClientRef:
+        if type(ref) is m.ClientRef and self._lease is None:
             self._worker._release(ref)
+
+    # --- torch's protocol for wrapper subclasses (`is_traceable_wrapper_subclass`) ---
+    # With it, nn.Module.to() swaps a RemoteTensor into the Parameter it converts (the same object,
+    # hooks and optimizer state kept) instead of making a new one; so do parametrizations.
+    def __tensor_flatten__(self) -> tuple[list[str], tuple]:
+        """No inner tensors: the data is on the worker. The context is what rebuilds the pointer."""
+        lease = self._lease
+        if lease is None:
+            lease = self._lease = _Lease(self._worker, self._ref)
+        return [], (self._tmeta, lease, self._published)
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, ctx: tuple, outer_size: Any, outer_stride: Any) -> "RemoteTensor":
+        """Another pointer to the same worker object, sharing its lease."""
+        tmeta, lease, published = ctx
+        if outer_size is not None and (tuple(outer_size) != tuple(tmeta.shape)
+                                       or tuple(outer_stride) != tuple(tmeta.stride)):
+            raise ValueError(f"a RemoteTensor of shape {tuple(tmeta.shape)} cannot be rebuilt with "
+                             f"shape {tuple(outer_size)} and strides {tuple(outer_stride)}")
+        r = RemoteTensor._wrap(tmeta, lease.worker, lease.ref, published=published)
+        r._lease = lease
+        return r
 
     # --- interception ---
     @classmethod
