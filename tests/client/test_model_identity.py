@@ -259,3 +259,26 @@ def test_a_second_move_sends_no_data_and_waits_for_nothing(bob, monkeypatch):
     x = torch.tensor([1., 2.]).send(bob)
     assert x.to(bob.device) is x and x.to(torch.float32) is x and x.to(x) is x
     assert x.to(torch.float64) is not x and x.to(bob.device, copy=True) is not x
+
+
+def test_autograd_grad_passes_inputs_gradients_through_their_hooks(bob):
+    local = torch.ones(3, requires_grad=True)
+    remote = torch.ones(3).send(bob).requires_grad_()
+    for t in (local, remote):
+        t.register_hook(lambda g: g * 10)
+        t.register_post_accumulate_grad_hook(lambda p: pytest.fail("autograd.grad accumulates nothing"))
+    (expected,) = torch.autograd.grad((local * 2).sum(), local)
+    (got,) = torch.autograd.grad((remote * 2).sum(), remote)
+    assert torch.equal(got.get(), expected) and remote.grad is None
+
+
+@pytest.mark.parametrize("move", [lambda m: m.to("cpu"), tr.get])
+def test_zero_grad_right_before_moving_back(bob, move):
+    model = nn.Linear(3, 2).to(bob.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3).to(bob.device)).sum().backward()
+    opt.zero_grad()  # queued resets name pointers that are about to hand their objects over
+    move(model)
+    assert all(type(p) is nn.Parameter and p.grad is None for p in model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()

@@ -101,11 +101,8 @@ def _run_hooks(hooked: list, create_graph: bool) -> None:
     with torch.set_grad_enabled(create_graph):
         for t, hooks, post, before in hooked:
             if hooks:
-                grad = incoming = t._grad_ptr
-                for hook in tuple(hooks.values()):
-                    result = hook(grad)
-                    if result is not None:
-                        grad = result
+                incoming = t._grad_ptr
+                grad = _through_hooks(t, incoming, create_graph)
                 if before is not None:
                     grad = before + grad if create_graph else before.add_(grad)
                 if grad is not incoming:
@@ -200,7 +197,19 @@ def _grad(func: Any, args: tuple, kwargs: dict, outputs: Any, inputs: Any, grad_
         if create_graph:
             r._grad_node = autograd.Node("GradBackward", graph)
         results.append(r)
-    return tuple(results)
+    return tuple(_through_hooks(t, r, create_graph) for t, r in zip(autograd.as_list(inputs), results))
+
+
+def _through_hooks(t: RemoteTensor, grad: Any, create_graph: bool) -> Any:
+    """torch.autograd.grad passes an input's gradient through the input's tensor hooks."""
+    hooks = raw(_T._backward_hooks, t) if grad is not None else None
+    if hooks:
+        with torch.set_grad_enabled(create_graph):
+            for hook in tuple(hooks.values()):
+                result = hook(grad)
+                if result is not None:
+                    grad = result
+    return grad
 
 
 # --- the attributes torch answers locally --------------------------------------------------------

@@ -31,6 +31,8 @@ def become(t: torch.Tensor, value: torch.Tensor) -> None:
         replacement = nn.Parameter(value, requires_grad=requires_grad)  # detaches, as set_data does
     else:
         replacement = value.detach().requires_grad_(requires_grad)
+    if isinstance(t, RemoteTensor):
+        t._worker._queue_grad_resets_now()  # a reset waiting for `t` names the object it hands over
     torch.utils.swap_tensors(t, replacement)
     if not isinstance(t, RemoteTensor):
         _rearm_hooks(t)  # a RemoteTensor's hooks are read from the object; a local one's run in C++

@@ -1,9 +1,9 @@
 """Models on a worker: `send`/`get` of whole modules, and `on(worker)` to build them there.
 
 `send(model, worker)` moves every parameter and buffer in place, as `model.to(device)` does:
-parameters keep their objects (`identity.become`), so tied weights stay tied and optimizers, hooks
-and `.grad` made before stay valid; buffers are replaced, as torch replaces them. `get(model)`
-brings them all back the same way, and the worker frees its copies.
+parameters keep their objects, so tied weights stay tied and optimizers, hooks and `.grad` made
+before stay valid; buffers are replaced, as torch replaces them. `get(model)` brings them all back
+the same way, and the worker frees its copies.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from . import tensor as tensor_module
-from .identity import become
 from .session import Session
 from .tensor import RemoteTensor
 
@@ -22,25 +21,22 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def _move(module: nn.Module, convert_all: Callable[[list], list]) -> None:
-    """Move every parameter and buffer, converting all the distinct tensors in one go
-    (`convert_all(tensors) -> new tensors`, so transfers batch); a tensor held twice moves once."""
-    slots, distinct = [], {}
-    for mod in module.modules():
-        for store, as_param in ((mod._parameters, True), (mod._buffers, False)):
-            for name, t in store.items():
-                if t is not None:
-                    slots.append((store, name, t, as_param))
-                    distinct.setdefault(id(t), t)
+    """Move every parameter, buffer and `.grad`, converting all the distinct tensors in one go
+    (`convert_all(tensors) -> new tensors`, so transfers batch), then put them in place through
+    torch's own `nn.Module._apply`, as `.to()` does (modules such as RNNs prepare for it)."""
+    params = list(module.parameters())
+    grads = {id(p): p.grad for p in params if p.grad is not None}
+    distinct: dict[int, torch.Tensor] = {}
+    for t in (*params, *module.buffers(), *grads.values()):
+        distinct.setdefault(id(t), t)
     converted = dict(zip(distinct, convert_all(list(distinct.values()))))
-    done: set[int] = set()
-    for store, name, t, as_param in slots:
-        if as_param:
-            new = converted[id(t)]
-            if id(t) not in done and (isinstance(t, RemoteTensor) or isinstance(new, RemoteTensor)):
-                done.add(id(t))
-                become(t, new)
-        else:
-            store[name] = converted[id(t)]
+    for p in params:
+        if id(p) in grads:
+            p.grad = None  # moved below, with the others: not one by one by _apply
+    module._apply(lambda t: converted.get(id(t), t))
+    for p in params:
+        if id(p) in grads:
+            p.grad = converted[id(grads[id(p)])]
 
 
 def _send_all(tensors: list, worker: "Session", device: str | torch.device | None) -> list:

@@ -290,6 +290,12 @@ class Session:
         with self._lock:
             self._grads_to_reset.append(t)
 
+    def _queue_grad_resets_now(self) -> None:
+        """Queue the waiting `.grad = None` resets as a command now: a pointer they name is about
+        to hand its worker object to another (`identity.become`), which may release it."""
+        with self._lock:
+            self._queue_grad_resets()
+
     def _queue_grad_resets(self) -> None:
         if self._grads_to_reset:
             refs = tuple(t._ref for t in self._grads_to_reset)
