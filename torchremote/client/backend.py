@@ -12,6 +12,7 @@ import torch
 
 from .device import BACKEND, worker_of
 from .dispatch import dispatch
+from .tensor import RemoteTensor, made_by_factory
 
 
 def _factory_fallback(keyset: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
@@ -19,7 +20,8 @@ def _factory_fallback(keyset: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     if device is None or torch.device(device).type != BACKEND:
         raise NotImplementedError(f"{op} has no implementation for tensors on the '{BACKEND}' device")
     kwargs = {**kwargs, "device": torch.device(device)}
-    return dispatch(op, args, kwargs, worker=worker_of(device))
+    result = dispatch(op, args, kwargs, worker=worker_of(device))
+    return made_by_factory(result) if isinstance(result, RemoteTensor) else result
 
 
 def _copy(dst: Any, src: Any, non_blocking: bool = False) -> Any:

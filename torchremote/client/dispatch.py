@@ -252,10 +252,10 @@ def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Session | N
 
 
 def _mixed(worker: "Session", other: "Session") -> None:
-    raise RuntimeError(
-        f"this op mixes tensors on worker {worker.id!r} ({worker.device}) and worker "
-        f"{other.id!r} ({other.device}); bring them to one worker first, for example "
-        f"with x.move(worker)")
+    raise RuntimeError(  # torch's own words first: users and their tests look for them
+        f"Expected all tensors to be on the same device, but found at least two devices, "
+        f"{worker.device} and {other.device}! (torchremote: worker {worker.id!r} and worker "
+        f"{other.id!r}; bring them to one worker first: x.move(worker), or x.to({worker.device}))")
 
 
 def _plan(func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool) -> inference.Plan | None:

@@ -42,7 +42,7 @@ _open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
 
 
 @atexit.register
-def _close_open_sessions() -> None:
+def close_open_sessions() -> None:
     """At exit, close what is still open: each worker frees this client's objects at once, instead
     of keeping them for a resume that will not come."""
     for session in list(_open_sessions):

@@ -69,8 +69,9 @@ class RemoteTensor(torch.Tensor):
         r = torch.Tensor._make_wrapper_subclass(
             cls, tmeta.shape, strides=tmeta.stride, storage_offset=tmeta.storage_offset,
             dtype=tmeta.dtype, device=worker.device, requires_grad=False)
-        r._tmeta, r._key, r._meta, r._worker, r._ref, r._published = tmeta, key, meta, worker, ref, published
-        r._rg, r._grad_node, r._grad_ptr, r._view_base, r._fam_version = tmeta.requires_grad, None, None, None, 0
+        r.__dict__ = {  # one dict, not eleven attribute stores: this runs for every op's result
+            "_tmeta": tmeta, "_key": key, "_meta": meta, "_worker": worker, "_ref": ref, "_published": published,
+            "_rg": tmeta.requires_grad, "_grad_node": None, "_grad_ptr": None, "_view_base": None, "_fam_version": 0}
         return r
 
     def _stand_in(self) -> torch.Tensor:
@@ -190,11 +191,38 @@ class RemoteTensor(torch.Tensor):
     # --- interception ---
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if _made_by_factories:
+            _adopt_requires_grad()
         return _dispatch(func, args, kwargs or {})
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        return _dispatch(func, args, kwargs or {})
+        result = _dispatch(func, args, kwargs or {})
+        # reached from torch's C++ (a factory's kernels, for one), which may set requires_grad next
+        return made_by_factory(result) if type(result) is RemoteTensor else result
+
+
+# `torch.randn(..., device=remote, requires_grad=True)`: torch sets requires_grad in C++ on what
+# the factory made, after its kernels ran (through the fallback and __torch_dispatch__) and past
+# interception. What those return waits here until the next torch call on a RemoteTensor from
+# Python, which takes the flag into the bookkeeping (and to the worker).
+_made_by_factories: list[RemoteTensor] = []
+
+
+def made_by_factory(t: RemoteTensor) -> RemoteTensor:
+    _made_by_factories.append(t)
+    return t
+
+
+def _adopt_requires_grad() -> None:
+    while _made_by_factories:
+        t = _made_by_factories.pop()
+        with torch._C.DisableTorchFunctionSubclass():
+            flagged = torch.Tensor.requires_grad.__get__(t) and torch.Tensor.grad_fn.__get__(t) is None
+            if flagged:  # a leaf, as factories make: the wrapper's own flag goes, ours takes over
+                t.requires_grad_(False)
+        if flagged and not t._rg:
+            t.requires_grad_(True)
 
 
 def send(tensor: torch.Tensor, worker: "Session", device: str | torch.device | None = None) -> RemoteTensor:

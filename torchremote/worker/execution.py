@@ -369,7 +369,11 @@ class Session:
         out.append(m.Reply(cmd.req_id, self.store.rows(self.client_id)))
 
     def _seed(self, cmd: m.ManualSeed, out: list) -> None:
-        torch.manual_seed(cmd.seed)
+        # this machine's own generators only: torch.manual_seed would also seed the workers this
+        # process is a client of (the `remote` device), this one among them when it is in-process
+        torch.random.default_generator.manual_seed(cmd.seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(cmd.seed)
         out.append(m.Reply(cmd.req_id, None))
 
     def _sync(self, cmd: m.Sync, out: list) -> None:

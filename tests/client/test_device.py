@@ -1,0 +1,171 @@
+"""The `remote` device as PyTorch's own devices behave: what torch's C++ asks of a backend is
+registered, so no call aborts the process; `torch.remote` answers what `torch.cuda` users call;
+factories honour `requires_grad`; torch.func transforms run on pointers and equal local."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import torchremote as tr
+from conftest import ROOT
+
+
+def _run(script: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+CALLS_THAT_REACH_CPP = """
+    import torch, torchremote as tr
+    from torch.utils.checkpoint import checkpoint
+    server = tr.start_worker(id="w")
+    w = tr.connect(server.url)
+    dev = w.device
+    x = torch.randn(3).to(dev)
+
+    def attempt(name, fn):
+        try:
+            fn()
+            print(name, "|", "ran")
+        except Exception as e:  # a Python exception is fine here; an abort is not
+            print(name, "|", "raised", type(e).__name__, e)
+
+    lin = torch.nn.Linear(3, 3).to(dev)
+    attempt("func.grad", lambda: torch.func.grad(lambda t: (t * t).sum())(x).get())
+    attempt("func.jacrev", lambda: torch.func.jacrev(torch.sin)(x).get())
+    attempt("func.vmap", lambda: torch.func.vmap(torch.sin)(x).get())
+    attempt("to from a tensor that requires grad", lambda: torch.randn(3, requires_grad=True).to(dev))
+    attempt("to('remote')", lambda: torch.ones(2).to("remote").get())
+    attempt("to(current_accelerator())", lambda: torch.ones(2).to(torch.accelerator.current_accelerator()).get())
+    attempt("autocast", lambda: torch.autocast(dev.type, dtype=torch.bfloat16).__enter__())
+    attempt("checkpoint", lambda: checkpoint(lin, x.detach().requires_grad_(), use_reentrant=False).sum().backward())
+    attempt("compile", lambda: torch.compile(lin)(x))
+    attempt("save", lambda: torch.save({"x": x}, "/dev/null"))
+    print("reached the end")
+"""
+
+
+def test_calls_that_reach_torchs_cpp_never_abort():
+    done = _run(CALLS_THAT_REACH_CPP)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "reached the end"
+    outcome = dict(line.split(" | ", 1) for line in lines[:-1] if " | " in line)
+    for name in ("func.grad", "func.jacrev", "func.vmap", "to('remote')", "to(current_accelerator())",
+                 "checkpoint"):
+        assert outcome[name] == "ran", (name, done.stderr[-2000:])
+    assert len(outcome) == 10  # every call came back to Python, one way or the other
+
+
+def test_an_uncaught_exception_after_a_backward_exits_cleanly():
+    script = """
+        import torch, torchremote as tr
+        server = tr.start_worker(id="w")
+        w = tr.connect(server.url)
+        m = torch.nn.Linear(4, 2).to(w.device)
+        m(torch.ones(3, 4).to(w.device)).sum().backward()
+        raise ValueError("uncaught")
+    """
+    for _ in range(4):  # the abort came about one run in four
+        done = _run(script)
+        assert done.returncode == 1 and "ValueError: uncaught" in done.stderr
+        assert "terminate called" not in done.stderr
+
+
+def test_torch_distributed_and_accelerator_keep_working_without_a_worker():
+    done = _run("""
+        import os, socket, torch, torchremote as tr, torch.distributed as dist
+        assert not torch.accelerator.is_available()  # nothing connected: scripts fall back to the CPU
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.barrier()
+        t = torch.ones(2)
+        dist.all_reduce(t)
+        dist.destroy_process_group()
+        print("ok", t.tolist())
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok [1.0, 1.0]", done.stderr[-2000:]
+
+
+def test_factories_with_requires_grad_make_leaves_that_require_grad(bob):
+    for x in (torch.randn(4, 3, device=bob.device, requires_grad=True),
+              torch.tensor([[1., 2., 3.]], device=bob.device, requires_grad=True),
+              torch.zeros(2, 3, device=bob.device).requires_grad_()):
+        assert x.requires_grad and x.is_leaf and x.grad_fn is None
+        (x * 2).sum().backward()
+        assert torch.equal(x.grad.get(), torch.full(x.shape, 2.))
+    assert not torch.zeros(2, device=bob.device).requires_grad
+
+
+def test_torch_func_transforms_on_pointers_equal_local():
+    """torch.func runs through torch's C++ autograd engine, which keeps one queue per device index
+    of a Python backend: the first worker of a process (remote:0) only. Others get torch's error."""
+    done = _run("""
+        import torch, torchremote as tr
+        server = tr.start_worker(id="w")
+        first, second = tr.connect(server.url), tr.connect(server.url)
+        assert first.device.index == 0
+        local = torch.randn(3)
+        x = local.to(first.device)
+        f = lambda t: (t.sin() * t).sum()
+        for transform in (torch.func.grad(f), torch.func.jacrev(torch.sin), torch.func.jacfwd(torch.sin),
+                          torch.func.hessian(f), torch.func.vmap(torch.sin)):
+            torch.testing.assert_close(transform(x).get(), transform(local))
+        model = torch.nn.Linear(3, 2)
+        params = {k: v.detach().to(first.device) for k, v in model.named_parameters()}
+        torch.testing.assert_close(torch.func.functional_call(model, params, (x,)).get(), model(local))
+        try:
+            torch.func.grad(f)(local.to(second.device))
+        except RuntimeError as e:
+            print("remote:1 refused:", "device_ready_queues_" in str(e))
+        else:
+            print("remote:1 ran")
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() in ("remote:1 refused: True", "remote:1 ran")
+
+
+def test_torch_remote_answers_what_torch_cuda_users_call():
+    done = _run("""
+        import torch, torchremote as tr
+        server = tr.start_worker(id="bob")
+        a, b = tr.connect(server.url), tr.connect(server.url)
+        remote = torch.remote
+        assert remote.is_available() and remote.device_count() == 2 and remote.current_device() == 0
+        assert torch.ones(1).to("remote").device == a.device == torch.device("remote", 0)
+        assert torch.zeros(2, device="remote").device == a.device
+        assert torch.ones(1).to(torch.accelerator.current_accelerator()).device == a.device
+        remote.set_device(0)
+        try:
+            remote.set_device(b.device)
+        except NotImplementedError as e:
+            assert "remote:0" in str(e)
+        assert "'bob'" in remote.get_device_name() and "'bob'" in remote.get_device_name(b.device)
+        x = torch.ones(3, device=b.device)
+        x.add_(1)
+        remote.synchronize(b.device)
+        remote.manual_seed(7)
+        first = torch.randn(4, device="remote").get()
+        remote.manual_seed(7)
+        assert torch.equal(torch.randn(4, device="remote").get(), first)
+        torch.manual_seed(3)  # seeds every connected worker, as it seeds every CUDA device
+        on_b = torch.randn(4, device=b.device).get()
+        torch.manual_seed(3)
+        assert torch.equal(torch.randn(4, device=b.device).get(), on_b)
+        assert torch.bfloat16 in remote.get_amp_supported_dtype() and remote.is_bf16_supported()
+        try:
+            remote.synchronize(torch.device("remote", 127))
+        except RuntimeError as e:
+            assert "no connected torchremote worker" in str(e)
+        a.close(), b.close()
+        assert not remote.is_available()
+        print("ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
