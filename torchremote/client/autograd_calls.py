@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..wire import messages as m
 from ..wire.ops import GRADS_OF
-from . import autograd
+from . import autograd, bridges
 from .dispatch import queue, remote_call, wrap_new
 from .identity import raw
 from .registry import implements
@@ -32,7 +32,7 @@ def _tensor_backward(func: Any, args: tuple, kwargs: dict) -> None:
 
 def _bind_tensor_backward(self: Any, gradient: Any = None, retain_graph: Any = None,
                           create_graph: bool = False, inputs: Any = None) -> tuple:
-    return [self], [gradient], autograd.as_list(inputs), create_graph
+    return [self], [gradient], autograd.as_list(inputs), create_graph, retain_graph
 
 
 @implements(torch.autograd.backward)
@@ -45,11 +45,11 @@ def _bind_autograd_backward(tensors: Any, grad_tensors: Any = None, retain_graph
                             inputs: Any = None) -> tuple:
     tensors = autograd.as_list(tensors)
     grads = autograd.as_list(grad_tensors if grad_tensors is not None else grad_variables) or [None] * len(tensors)
-    return tensors, grads, autograd.as_list(inputs), create_graph
+    return tensors, grads, autograd.as_list(inputs), create_graph, retain_graph
 
 
 def _run_backward(func: Any, args: tuple, kwargs: dict, tensors: list, grads: list, inputs: list,
-                  create_graph: bool) -> None:
+                  create_graph: bool, retain_graph: Any) -> None:
     """Queue the backward, then one op that names every `.grad` it makes: pointers to all the new
     gradients, with no message per parameter."""
     if len(grads) != len(tensors):
@@ -62,6 +62,7 @@ def _run_backward(func: Any, args: tuple, kwargs: dict, tensors: list, grads: li
         _name_new_grads(worker, new, tensors, grads, create_graph)
     if hooked:
         _run_hooks(hooked, create_graph)
+    bridges.deliver(receiving, retain_graph=bool(retain_graph) or create_graph)
 
 
 def _name_new_grads(worker: Any, new: list, tensors: list, grads: list, create_graph: bool) -> None:

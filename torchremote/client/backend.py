@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from .bridges import link_local_source
 from .device import BACKEND, worker_of
-from .dispatch import dispatch
+from .dispatch import dispatch, remote_call
+from .registry import implements
 from .tensor import RemoteTensor, made_by_factory
 
 
@@ -26,6 +28,18 @@ def _factory_fallback(keyset: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _copy(dst: Any, src: Any, non_blocking: bool = False) -> Any:
     return dispatch(torch.ops.aten.copy_.default, (dst, src), {"non_blocking": non_blocking})
+
+
+@implements(torch.ops.aten.copy_.default)
+def _copy_from_here(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The copy inside `c.to(dev)` (torch's C++ makes the tensor, then copies into it): from a `c`
+    that requires grad, the copy is differentiable."""
+    result = remote_call(func, args, kwargs)
+    dst, src = args[0], args[1]
+    if (isinstance(dst, RemoteTensor) and not isinstance(src, RemoteTensor) and src.requires_grad
+            and torch.is_grad_enabled()):
+        link_local_source(dst, src)
+    return result
 
 
 _library = torch.library.Library("_", "IMPL")

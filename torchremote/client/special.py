@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .bridges import fetched
 from .device import BACKEND
 from .dispatch import remote_call
 from .identity import become
@@ -92,7 +93,7 @@ def _numpy(func: Any, args: tuple, kwargs: dict) -> Any:
 
 @implements(_T.cpu)
 def _cpu(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0].get()
+    return fetched(args[0], args[0].get())
 
 
 @implements(_T.to)
@@ -106,7 +107,7 @@ def _to(func: Any, args: tuple, kwargs: dict) -> Any:
     if device.type == BACKEND:
         raise RuntimeError(f"tensor lives on worker {x._worker.id!r} ({x._worker.device}), not on "
                            f"{device}; its data would pass through this process: .get() it first")
-    return x.get().to(*args[1:], **kwargs)  # to a local device: fetch
+    return fetched(x, x.get().to(*args[1:], **kwargs))  # to a local device: fetch
 
 
 @implements(_T.copy_)
