@@ -56,7 +56,7 @@ def test_calls_that_reach_torchs_cpp_never_abort():
     assert lines[-1] == "reached the end"
     outcome = dict(line.split(" | ", 1) for line in lines[:-1] if " | " in line)
     for name in ("func.grad", "func.jacrev", "func.vmap", "to from a tensor that requires grad", "to('remote')",
-                 "to(current_accelerator())", "checkpoint"):
+                 "to(current_accelerator())", "checkpoint", "save"):
         assert outcome[name] == "ran", (name, done.stderr[-2000:])
     assert len(outcome) == 10  # every call came back to Python, one way or the other
 

@@ -106,10 +106,11 @@ def test_writing_into_a_local_tensor_is_refused(bob):
     assert local.equal(torch.zeros(2))
 
 
-def test_pickle_is_refused_and_deepcopy_copies_on_the_worker(bob):
+def test_pickle_round_trips_onto_the_worker_and_deepcopy_copies_there(bob):
     x = torch.ones(2).send(bob)
-    with pytest.raises(TypeError, match="pickle"):
-        pickle.dumps(x)
+    back = pickle.loads(pickle.dumps(x))  # as a CUDA tensor: its bytes with its device
+    assert isinstance(back, tr.RemoteTensor) and back.device == x.device and back.id != x.id
+    assert torch.equal(back.get(), x.get())
     y = copy.deepcopy(x)
     assert isinstance(y, tr.RemoteTensor) and y is not x and y.id != x.id
     y.add_(1)

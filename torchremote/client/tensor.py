@@ -157,10 +157,6 @@ class RemoteTensor(torch.Tensor):
             return format(self.item(), spec)  # what torch does for 0-dim tensors: fetches one value
         return format(repr(self), spec)
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("a RemoteTensor cannot be pickled: its data lives on a worker; "
-                        "pickle x.get() instead")
-
     def __del__(self) -> None:
         ref = getattr(self, "_ref", None)
         if type(ref) is m.ClientRef and self._lease is None:
