@@ -44,6 +44,9 @@ def _copy_from_here(func: Any, args: tuple, kwargs: dict) -> Any:
 
 _library = torch.library.Library("_", "IMPL")
 _library.fallback(_factory_fallback, dispatch_key="PrivateUse1", with_keyset=True)
+# Inside `torch.autocast("remote")` a factory also passes the remote device's autocast key, which
+# has no kernels of its own: the worker applies autocast, with its own device's rules.
+_library.fallback(torch.library.fallthrough_kernel, dispatch_key="AutocastPrivateUse1")
 # Copies into a remote tensor get kernels of their own: `torch.tensor(data, device=remote:i)` copies
 # with the Python dispatch key excluded, where the fallback cannot be reached.
 _aten = torch.library.Library("aten", "IMPL")

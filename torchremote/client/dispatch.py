@@ -22,7 +22,7 @@ from . import arguments, autograd, inference, registry, tensor
 from . import device as devices
 from .device import BACKEND
 from .inference import NO_GRAD
-from .session import Session
+from .session import Session, autocast_dtype
 from .tensor import RemoteTensor
 
 
@@ -199,7 +199,7 @@ def _scan(func: Callable, name: str, flat: list, spec: Any, worker: "Session | N
     Float scalars of a `_foreach_*` op count by type, not value: those ops are elementwise, so the
     value cannot change the plan, and an optimizer passes new ones every step (bias corrections,
     a scheduled learning rate)."""
-    parts: list[Any] = [func, spec, torch.is_grad_enabled(), torch.is_inference_mode_enabled()]
+    parts: list[Any] = [func, spec, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast_dtype()]
     elementwise = "_foreach_" in name
     grad = False
     seen: dict[int, int] = {}
@@ -258,7 +258,8 @@ def _mixed(worker: "Session", other: "Session") -> None:
         f"{other.id!r}; bring them to one worker first: x.move(worker), or x.to({worker.device}))")
 
 
-def _plan(func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool) -> inference.Plan | None:
+def _plan(worker: "Session", func: Callable, name: str, flat: list, spec: Any, key: Any,
+          grad: bool) -> inference.Plan | None:
     if key is not None:
         hit = inference.lookup(key)
         if hit is not None:
@@ -276,11 +277,14 @@ def _plan(func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool
     standings = None
     if grad:
         standings = [autograd.standing(a) if isinstance(a, RemoteTensor) else NO_GRAD for a in flat]
-    return inference.plan(func, name, key, inputs, standings, spec)
+    autocast = autocast_dtype()
+    if autocast is not None:
+        autocast = (worker.compute_device.type, autocast)
+    return inference.plan(func, name, key, inputs, standings, spec, autocast)
 
 
 def _call(worker: "Session", func: Callable, name: str, flat: list, spec: Any, key: Any, grad: bool) -> Any:
-    plan = _plan(func, name, flat, spec, key, grad)
+    plan = _plan(worker, func, name, flat, spec, key, grad)
     if plan is None:
         return _call_sync(worker, name, flat, spec, _local_bytes(flat))
     outs = plan.outs

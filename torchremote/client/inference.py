@@ -10,12 +10,19 @@ requires grad, the cold run also replays the call once under autograd, on fresh 
 like the inputs and built with the same autograd standing (leaf, non-leaf, view of either), and the
 plan keeps what that says: which outputs require grad, their `grad_fn` names, and which inputs each
 output's history reaches. A warm call records autograd with no meta work at all.
+
+Inside `torch.autocast` for the remote device the worker casts with its own device's rules, which
+meta tensors do not follow (autocast keys off a tensor's device): a cold plan then runs the call
+once more on fake tensors of the worker's device type, with that device's autocast on, and takes
+the outputs' dtypes from there. Plans are cached per autocast dtype.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
 from ..wire.messages import TensorMeta
@@ -93,15 +100,19 @@ def tensor_key(t: torch.Tensor) -> MetaKey:
     return MetaKey((tuple(t.shape), t.stride(), t.storage_offset(), t.dtype))
 
 
-def plan(func: Callable, name: str, key: Any, inputs: list, standings: list | None, spec: Any) -> Plan | None:
+def plan(func: Callable, name: str, key: Any, inputs: list, standings: list | None, spec: Any,
+         autocast: tuple[str, torch.dtype] | None = None) -> Plan | None:
     """Plan `func` by running it on meta (the caller looked `key` up first); None if the call must
     synchronise.
 
     `key` is the cache key (None: uncacheable); `inputs` the flat arguments with meta stand-ins for
-    tensors; `standings` the autograd standing of each flat input (None when none requires grad).
+    tensors; `standings` the autograd standing of each flat input (None when none requires grad);
+    `autocast` the worker's device type and the autocast dtype, inside an autocast region.
     """
     before = [tensor_key(a) if isinstance(a, torch.Tensor) else None for a in inputs]
     result, unchanged = _run_meta(func, name, inputs, spec, before)
+    if result is not None and autocast is not None:
+        result = _autocast_dtypes(result, func, inputs, spec, *autocast)
     if result is not None and standings is not None:
         if not _add_autograd(result, func, inputs, before, standings, spec):
             result = None  # autograd refuses the call (in place on a leaf...): the worker says why
@@ -142,6 +153,59 @@ def _run_meta(func: Callable, name: str, inputs: list, spec: Any, before: list) 
         else:
             return None, unchanged
     return Plan(out_spec, outs, out_flat), unchanged
+
+
+def _autocast_dtypes(result: Plan, func: Callable, inputs: list, spec: Any, device_type: str,
+                     dtype: torch.dtype) -> Plan | None:
+    """`result` with the dtypes autocast gives on the worker's device, found on fake tensors of
+    that device type. Where the fake run fails (a binding that wants the real device), a plan whose
+    outputs are all views or inputs stands (autocast never changes those); anything else
+    synchronises, and the worker says."""
+    try:
+        with FakeTensorMode() as mode, _autocast_on(device_type, dtype):
+            fakes: dict[int, torch.Tensor] = {}
+            flat = [_fake(a, device_type, fakes) if isinstance(a, torch.Tensor) else a for a in inputs]
+            args, kwargs = arguments.unflatten(flat, spec)
+            with torch._C.DisableTorchFunctionSubclass():
+                out_flat = tree_flatten(func(*args, **kwargs))[0]
+        del mode
+    except Exception:
+        return result if all(o.kind == IN or o.kind == NEW and o.view_of is not None or o.kind == VALUE
+                             for o in result.outs) else None
+    tensors = iter([t for t in out_flat if isinstance(t, torch.Tensor)])
+    if sum(o.kind != VALUE for o in result.outs) != sum(isinstance(t, torch.Tensor) for t in out_flat):
+        return None
+    for position, out in enumerate(result.outs):
+        if out.kind == VALUE:
+            continue
+        t = next(tensors)
+        if out.kind == NEW and t.dtype != out.payload.dtype:
+            meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            out.payload, out.key, out.view_of = TensorMeta.of(meta), tensor_key(meta), None
+            result.metas[position] = meta
+    return result
+
+
+def _fake(a: torch.Tensor, device_type: str, made: dict[int, torch.Tensor]) -> torch.Tensor:
+    t = made.get(id(a))
+    if t is None:
+        device = a.device if a.device.type != "meta" else device_type
+        t = made[id(a)] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=device)
+    return t
+
+
+@contextlib.contextmanager
+def _autocast_on(device_type: str, dtype: torch.dtype) -> Iterator[None]:
+    """That device type's autocast, on for this thread; set directly, since `torch.autocast`
+    turns itself off for a device this process lacks (the worker's GPU, from a laptop)."""
+    enabled, before = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    torch.set_autocast_enabled(device_type, True)
+    torch.set_autocast_dtype(device_type, dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled(device_type, enabled)
+        torch.set_autocast_dtype(device_type, before)
 
 
 def _unchanged(inputs: list, before: list) -> bool:

@@ -41,6 +41,12 @@ WAIT_FOR_ACK_BYTES = 1 << 20  # a put this large waits for the worker to run it,
 _open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
 
 
+def autocast_dtype() -> torch.dtype | None:
+    """The dtype of the `torch.autocast` region this thread is in for the remote device, if any:
+    every call made in it runs under autocast on the worker."""
+    return torch.get_autocast_dtype(devices.BACKEND) if torch.is_autocast_enabled(devices.BACKEND) else None
+
+
 @atexit.register
 def close_open_sessions() -> None:
     """At exit, close what is still open: each worker frees this client's objects at once, instead
@@ -82,6 +88,7 @@ class Session:
         self._bars: dict[int, tuple[Any, list[int]]] = {}  # req_id -> (bar, [bytes shown])
         self._protocol.on_chunk = self._fetch_progress
         self.client_id: str = welcome.client_id
+        self.compute_device = torch.device(welcome.device)  # the worker's own: cpu, cuda:0
         self._resume_token = welcome.resume_token
         try:
             self.device: torch.device = devices.register(self)
@@ -240,8 +247,8 @@ class Session:
         with self._lock:
             self._check_open()
             self._queue_grad_resets()
-            op_id = self._protocol.call(op, args, kwargs, reply=False,
-                                        grad_enabled=torch.is_grad_enabled(), nbytes=nbytes)
+            op_id = self._protocol.call(op, args, kwargs, reply=False, grad_enabled=torch.is_grad_enabled(),
+                                        autocast=autocast_dtype(), nbytes=nbytes)
             full = self._protocol.pending_commands >= MAX_QUEUED_COMMANDS
         if full:
             self._flush()  # back-pressure: the caller sends the batch itself
@@ -251,12 +258,14 @@ class Session:
 
     def _call_sync(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> tuple[int, Any]:
         return self._ask(lambda: self._protocol.call(op, args, kwargs, reply=True, nbytes=nbytes,
-                                                     grad_enabled=torch.is_grad_enabled()), op, nbytes)
+                                                     grad_enabled=torch.is_grad_enabled(),
+                                                     autocast=autocast_dtype()), op, nbytes)
 
     def _run_sync(self, fn: Any, args: tuple, kwargs: dict, nbytes: int = 0) -> tuple[int, Any]:
         code = codepickle.dumps(fn)
         return self._ask(lambda: self._protocol.run(code, args, kwargs, nbytes=nbytes,
-                                                    grad_enabled=torch.is_grad_enabled()),
+                                                    grad_enabled=torch.is_grad_enabled(),
+                                                    autocast=autocast_dtype()),
                          "this function and its local tensors", nbytes + len(code))
 
     def _fetch(self, ref: m.Ref) -> torch.Tensor:

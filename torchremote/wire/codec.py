@@ -347,6 +347,10 @@ def _is_args(v: Any) -> bool:
     return type(v) is tuple
 
 
+def _is_opt_dtype(v: Any) -> bool:
+    return v is None or isinstance(v, torch.dtype)
+
+
 def _any(v: Any) -> bool:
     return True
 
@@ -358,9 +362,9 @@ def _of(*types: type) -> Any:
 _FIELD_CHECKS: dict[type, tuple] = {
     m.Hello: (_is_int, _of(str), lambda v: v is None or type(v) is str, lambda v: v is None or type(v) is str,
               _is_count),
-    m.Welcome: (_is_int, _of(str), _of(str), _is_int, _of(str), _of(float), _is_count),
+    m.Welcome: (_is_int, _of(str), _of(str), _is_int, _of(str), _of(float), _is_count, _of(str)),
     m.Put: (_is_int, _of(torch.Tensor), _of(bool), _of(str)),
-    m.Call: (_is_int, _of(str), _is_args, _of(dict), _of(bool), _of(bool)),
+    m.Call: (_is_int, _of(str), _is_args, _of(dict), _of(bool), _of(bool), _is_opt_dtype),
     m.Fetch: (_is_int, _of(m.ClientRef, m.PublishedRef)),
     m.Release: (lambda v: type(v) is tuple and all(type(r) is m.ClientRef for r in v),),
     m.Search: (_is_int, _is_str_tuple),
@@ -376,7 +380,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.ObjectInfo: (_of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _is_str_tuple, _of(str)),
     m.ChunkedTensor: (_of(torch.dtype), _is_shape, lambda v: v is None or _is_shape(v), _is_int),
     m.PutBegin: (_is_int, _of(m.ChunkedTensor), _of(bool), _of(str)),
-    m.Run: (_is_int, _of(bytes), _is_args, _of(dict), _of(bool)),
+    m.Run: (_is_int, _of(bytes), _is_args, _of(dict), _of(bool), _is_opt_dtype),
     m.Expect: (_is_int,),
     m.Push: (_is_int, _of(m.ClientRef, m.PublishedRef), _of(str), lambda v: v is None or type(v) is str,
              _of(str)),

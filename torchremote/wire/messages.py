@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"TRM2"                      # first bytes of every frame (and the wire version)
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -167,7 +167,8 @@ class Hello:
 class Welcome:
     """`resume_token`: the secret that resumes this session within `resume_grace_s` of a dropped
     connection ("" when the worker keeps nothing). On a resume, `received` is how many of the
-    client's frames the worker has run: the client sends the rest again."""
+    client's frames the worker has run: the client sends the rest again. `device`: where the worker
+    computes (`cpu`, `cuda:0`), whose autocast rules the client's metadata must follow."""
     version: int
     worker_id: str
     client_id: str
@@ -175,6 +176,7 @@ class Welcome:
     resume_token: str = ""
     resume_grace_s: float = 0.0
     received: int = 0
+    device: str = "cpu"
 
 
 # --- client -> worker ----------------------------------------------------------------------------
@@ -193,6 +195,8 @@ class Call:
     """Run op `op` on the worker; its tensor outputs become `ClientRef(op_id, k)` in flatten order.
 
     With `reply` the worker answers a `Reply(op_id, value)` whose tensors are `TensorMeta`/`SameAs`.
+    `autocast`: the dtype of the client's `torch.autocast` region for the remote device, which the
+    worker applies with its own device's rules; None outside one.
     """
     op_id: int
     op: str
@@ -200,6 +204,7 @@ class Call:
     kwargs: dict
     reply: bool = False
     grad_enabled: bool = True
+    autocast: torch.dtype | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +270,7 @@ class Run:
     args: tuple
     kwargs: dict
     grad_enabled: bool = True
+    autocast: torch.dtype | None = None
 
 
 @dataclass(frozen=True, slots=True)

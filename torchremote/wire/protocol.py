@@ -79,16 +79,17 @@ class ClientProtocol:
         self._queue(m.Chunk(op_id, offset, data), data.numel())
 
     def call(self, op: str, args: tuple, kwargs: dict, *, reply: bool, grad_enabled: bool,
-             nbytes: int = 0) -> int:
+             autocast: torch.dtype | None = None, nbytes: int = 0) -> int:
         """Queue op `op` (with `nbytes` of local tensors); returns its id. Output k is `ClientRef(id, k)`."""
         op_id = self.next_id()
-        self._queue(m.Call(op_id, op, args, kwargs, reply, grad_enabled), nbytes)
+        self._queue(m.Call(op_id, op, args, kwargs, reply, grad_enabled, autocast), nbytes)
         return op_id
 
-    def run(self, code: bytes, args: tuple, kwargs: dict, *, grad_enabled: bool, nbytes: int = 0) -> int:
+    def run(self, code: bytes, args: tuple, kwargs: dict, *, grad_enabled: bool,
+            autocast: torch.dtype | None = None, nbytes: int = 0) -> int:
         """Queue a client function to run on the worker; answered like a synchronous call."""
         op_id = self.next_id()
-        self._queue(m.Run(op_id, code, args, kwargs, grad_enabled), nbytes + len(code))
+        self._queue(m.Run(op_id, code, args, kwargs, grad_enabled, autocast), nbytes + len(code))
         return op_id
 
     @property
@@ -217,9 +218,9 @@ class ServerProtocol:
 
     @staticmethod
     def welcome(worker_id: str, client_id: str, max_message_bytes: int, resume_token: str = "",
-                resume_grace_s: float = 0.0, received: int = 0) -> Chunks:
+                resume_grace_s: float = 0.0, received: int = 0, device: str = "cpu") -> Chunks:
         return codec.encode([m.Welcome(m.PROTOCOL_VERSION, worker_id, client_id, max_message_bytes,
-                                      resume_token, float(resume_grace_s), received)])
+                                      resume_token, float(resume_grace_s), received, device)])
 
     @staticmethod
     def refuse(exc: BaseException) -> Chunks:

@@ -244,7 +244,7 @@ class Session:
 
     def _run_code(self, cmd: m.Run, out: list) -> None:
         self._execute(cmd.op_id, "code sent by the client", lambda _: self._unpickle(cmd.code), cmd.args,
-                      cmd.kwargs, cmd.grad_enabled, reply=True, out=out)
+                      cmd.kwargs, cmd.grad_enabled, cmd.autocast, reply=True, out=out)
 
     def _unpickle(self, code: bytes) -> Any:
         if not self.allow_code:
@@ -256,12 +256,14 @@ class Session:
 
     def _call(self, cmd: m.Call, out: list) -> None:
         self._execute(cmd.op_id, cmd.op, ops.resolve, cmd.args, cmd.kwargs,
-                      cmd.grad_enabled, reply=cmd.reply, out=out)
+                      cmd.grad_enabled, cmd.autocast, reply=cmd.reply, out=out)
 
     def _execute(self, op_id: int, op: str, load: Callable[[str], Callable], wire_args: tuple,
-                 wire_kwargs: dict, grad_enabled: bool, *, reply: bool, out: list) -> None:
+                 wire_kwargs: dict, grad_enabled: bool, autocast: torch.dtype | None, *, reply: bool,
+                 out: list) -> None:
         """Run one op (or client function); its tensor outputs become `ClientRef(op_id, k)`.
-        `load(op)` gives the callable."""
+        `load(op)` gives the callable; `autocast`, the dtype of the client's autocast region, applied
+        with this worker's device's rules."""
         inputs: dict[int, m.Ref] = {}
         req_id = op_id if reply else None
         derived = None
@@ -276,7 +278,10 @@ class Session:
                     versions = [t._version for t in tensors]
                     if reply and load is ops.resolve:  # a value, or a data-dependent shape: a release
                         self._allow_release(zip(inputs.values(), tensors), short_name(op))  # all it reads
-            if grad_enabled is torch.is_grad_enabled():
+            if autocast is not None:
+                with torch.set_grad_enabled(grad_enabled), torch.autocast(self.device.type, autocast):
+                    result = func(*args, **kwargs)
+            elif grad_enabled is torch.is_grad_enabled():
                 result = func(*args, **kwargs)
             else:
                 with torch.set_grad_enabled(grad_enabled):

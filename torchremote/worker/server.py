@@ -246,7 +246,8 @@ class WorkerServer:
                           releases=self.releases, is_owner=is_owner, send_to_worker=self._send_to_worker)
         state = self._resumable.open(session)
         self.log.info("%s connected as %s%s", peer, client_id, " (owner)" if is_owner else "")
-        welcome = protocol.welcome(self.id, client_id, self.max_message_bytes, state.token, self.resume_grace)
+        welcome = protocol.welcome(self.id, client_id, self.max_message_bytes, state.token, self.resume_grace,
+                                   device=str(self.device))
         self._serve_session(conn, protocol, state, [welcome])
 
     def _admit(self) -> bool:
@@ -272,7 +273,7 @@ class WorkerServer:
                       session.client_id, time.monotonic() - state.dropped_at, len(replays))
         session.peer = conn.peer
         welcome = protocol.welcome(self.id, session.client_id, self.max_message_bytes, state.token,
-                                   self.resume_grace, state.processed)
+                                   self.resume_grace, state.processed, str(self.device))
         self._serve_session(conn, protocol, state, [welcome, *replays])
 
     def _serve_session(self, conn: ServedConnection, protocol: ServerProtocol, state: ResumableSession,
