@@ -8,4 +8,4 @@ autograd bookkeeping -> dispatch -> the calls answered specially, the device's k
 """
 from . import device  # noqa: F401  (the `remote` device first: pointers are made on it)
 from . import dispatch  # noqa: F401  (installs the dispatcher every RemoteTensor call goes to)
-from . import autograd_calls, backend, checkpoints, optim, special  # noqa: F401  (handlers, kernels, hooks)
+from . import autograd_calls, backend, checkpoints, compiled, optim, special  # noqa: F401  (handlers, kernels, hooks)
