@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test bench conformance clean
+.PHONY: demo test bench conformance gpu-check clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ $(MYCELYA_STAMP): $(STAMP)
 # benchmarks/results/{results.md,results.json,transfer.png,latency.png}. About 5 minutes on 2 cores.
 bench: $(BENCH_STAMP) $(MYCELYA_STAMP)
 	$(PY) -m benchmarks.bench
+
+# a worker on this machine's GPU beside local CUDA eager (bf16 autocast steps, checkpointing memory,
+# a 1 GiB transfer); says "no CUDA device" and exits 0 where there is none
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check
 
 # every op in PyTorch's OpInfo database, locally and on a worker: float32, int64, bool and complex64
 # value passes, the autograd pass, and torch's module and optimizer databases; writes

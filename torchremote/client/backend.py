@@ -14,7 +14,9 @@ from .bridges import link_local_source
 from .device import BACKEND, worker_of
 from .dispatch import dispatch, remote_call
 from .registry import implements
-from .tensor import RemoteTensor, made_by_factory
+from .tensor import RemoteTensor, made_by_factory, send
+
+LARGE_COPY_BYTES = 1 << 20  # a local source this large travels as a send: chunked, with progress
 
 
 def _factory_fallback(keyset: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
@@ -34,8 +36,15 @@ def _copy(dst: Any, src: Any, non_blocking: bool = False) -> Any:
 def _copy_from_here(func: Any, args: tuple, kwargs: dict) -> Any:
     """The copy inside `c.to(dev)` (torch's C++ makes the tensor, then copies into it): from a `c`
     that requires grad, the copy is differentiable."""
-    result = remote_call(func, args, kwargs)
     dst, src = args[0], args[1]
+    if (isinstance(dst, RemoteTensor) and type(src) is torch.Tensor and src.layout == torch.strided
+            and src.numel() * src.element_size() >= LARGE_COPY_BYTES):
+        # one message would carry it whole (a snapshot copy, no progress): send it, then copy there
+        args = (dst, send(src.detach(), dst._worker), *args[2:])
+        result = remote_call(func, args, kwargs)
+        args = (dst, src)
+    else:
+        result = remote_call(func, args, kwargs)
     if (isinstance(dst, RemoteTensor) and not isinstance(src, RemoteTensor) and src.requires_grad
             and torch.is_grad_enabled()):
         link_local_source(dst, src)
