@@ -110,6 +110,14 @@ def hf_gpt2():
     return lambda: GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64))
 
 
+def under_bf16_autocast(loss_fn: Callable) -> Callable:
+    """The same loss, its forward in `torch.autocast(<the data's device type>, torch.bfloat16)`."""
+    def loss(model: nn.Module, *data: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(data[0].device.type, dtype=torch.bfloat16):
+            return loss_fn(model, *data)
+    return loss
+
+
 def workloads() -> list[tuple]:
     """(name, model factory, data factory, loss, optimizer factory)."""
     sgd = lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9)      # noqa: E731
@@ -121,6 +129,7 @@ def workloads() -> list[tuple]:
         ("MLP 4 x 256, batch 64, SGD", mlp_4x256, lambda: (torch.randn(64, 256), torch.randint(0, 10, (64,))),
          classify, sgd),
         ("transformer LM 2 x 64, 4 x 32 tokens, AdamW", TinyLM, tokens, lm_loss, adamw),
+        ("same, bf16 autocast", TinyLM, tokens, under_bf16_autocast(lm_loss), adamw),
     ]
     gpt2 = hf_gpt2()
     if gpt2 is not None:

@@ -369,7 +369,7 @@ def refuse_inside_custom_function() -> None:
     """A custom autograd.Function's forward running op by op on pointers would lose its backward on
     the worker (the worker sees plain ops run without grad). Say so, instead of training wrongly."""
     frame = sys._getframe(3)
-    for _ in range(8):
+    for _ in range(24):  # deep enough for nested modules (Sequential in a checkpoint)
         if frame is None:
             return
         ctx = frame.f_locals.get("ctx") if frame.f_code.co_name == "forward" else None
