@@ -105,3 +105,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().resolve_conj().resolve_neg()
     dense = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
     return dense.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def tiny_gpt2():
+    """Hugging Face's GPT2LMHeadModel, 2 layers of width 32, dropout off (transformers is a test extra)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)

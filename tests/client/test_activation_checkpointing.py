@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from conftest import bits
+from conftest import bits, tiny_gpt2
 
 
 def _block():
@@ -38,12 +38,7 @@ def test_reentrant_checkpoint_is_refused_clearly(bob):
 
 
 def test_hf_gradient_checkpointing_trains_like_local(bob):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
+    model = tiny_gpt2()
     local = copy.deepcopy(model)
     ids = torch.randint(0, 100, (2, 12))
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-import torchremote as tr
 from torchremote.client import inference
-from conftest import bits, connected_worker
+from conftest import bits, connected_worker, tiny_gpt2
 from test_module import TinyTransformer
 
 
@@ -113,12 +111,7 @@ def test_grad_scaler_fp16_steps_equal_local_including_skipped_ones(bob):
 
 
 def test_gpt2_bf16_autocast_equals_local_on_a_worker_process():
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
+    model = tiny_gpt2()
     local = copy.deepcopy(model)
     ids = torch.randint(0, 100, (2, 12))
 

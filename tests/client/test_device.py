@@ -118,6 +118,9 @@ def test_torch_func_transforms_on_pointers_equal_local():
         for transform in (torch.func.grad(f), torch.func.jacrev(torch.sin), torch.func.jacfwd(torch.sin),
                           torch.func.hessian(f), torch.func.vmap(torch.sin)):
             torch.testing.assert_close(transform(x).get(), transform(local))
+        out, pull = torch.func.vjp(torch.sin, x)
+        want_out, want_pull = torch.func.vjp(torch.sin, local)
+        torch.testing.assert_close(pull(out)[0].get(), want_pull(want_out)[0])
         model = torch.nn.Linear(3, 2)
         params = {k: v.detach().to(first.device) for k, v in model.named_parameters()}
         torch.testing.assert_close(torch.func.functional_call(model, params, (x,)).get(), model(local))

@@ -8,17 +8,9 @@ import pytest
 import torch
 
 import torchremote as tr
-from conftest import connected_worker
+from conftest import connected_worker, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")  # installed by the test extra
-
-
-def tiny_gpt2():
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config)
 
 
 @pytest.fixture(scope="module")
