@@ -162,16 +162,15 @@ def _autocast_dtypes(result: Plan, func: Callable, inputs: list, spec: Any, devi
     outputs are all views or inputs stands (autocast never changes those); anything else
     synchronises, and the worker says."""
     try:
-        with FakeTensorMode() as mode, _autocast_on(device_type, dtype):
+        with FakeTensorMode(), _autocast_on(device_type, dtype):
             fakes: dict[int, torch.Tensor] = {}
             flat = [_fake(a, device_type, fakes) if isinstance(a, torch.Tensor) else a for a in inputs]
             args, kwargs = arguments.unflatten(flat, spec)
             with torch._C.DisableTorchFunctionSubclass():
                 out_flat = tree_flatten(func(*args, **kwargs))[0]
-        del mode
     except Exception:
-        return result if all(o.kind == IN or o.kind == NEW and o.view_of is not None or o.kind == VALUE
-                             for o in result.outs) else None
+        keeps_dtypes = all(o.kind != NEW or o.view_of is not None for o in result.outs)
+        return result if keeps_dtypes else None
     tensors = iter([t for t in out_flat if isinstance(t, torch.Tensor)])
     if sum(o.kind != VALUE for o in result.outs) != sum(isinstance(t, torch.Tensor) for t in out_flat):
         return None
