@@ -1,6 +1,7 @@
 """Many workers: direct moves between them, copies, and the owner's view from the command line."""
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -129,3 +130,25 @@ def test_device_indices_are_reused_after_close_past_torchs_limit(server):
         assert torch.zeros(2, device=live.device).worker is live
     finally:
         live.close()
+
+
+def test_to_another_workers_device_moves_worker_to_worker(pair, monkeypatch):
+    """As cuda:0 -> cuda:1: x.to(carol.device) and model.to(carol.device) move, not fetch."""
+    alice, carol = pair
+    t = torch.randn(5, 3)
+    x = t.send(alice)
+    monkeypatch.setattr(alice, "_fetch", lambda ref: pytest.fail("the data came through this process"))
+    y = x.to(carol.device)
+    half = x.to(carol.device, torch.float64)
+    torch.manual_seed(0)
+    local = nn.Linear(3, 2)
+    model = copy.deepcopy(local).to(alice.device)
+    weight = model.weight
+    model.to(carol.device)
+    monkeypatch.undo()
+    assert y.worker is carol and torch.equal(y.get(), t)
+    assert half.worker is carol and half.dtype == torch.float64 and torch.equal(half.get(), t.double())
+    assert model.weight is weight and weight.worker is carol and weight.requires_grad
+    torch.testing.assert_close(model(t.send(carol)).get(), local(t))
+    with pytest.raises(NotImplementedError, match="not differentiable yet"):
+        x.requires_grad_().to(carol.device)

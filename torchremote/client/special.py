@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .bridges import fetched
-from .device import BACKEND
+from .device import BACKEND, worker_of
 from .dispatch import remote_call
 from .identity import become
 from .registry import implements
@@ -105,9 +105,20 @@ def _to(func: Any, args: tuple, kwargs: dict) -> Any:
     if device is None or device == x._worker.device:
         return remote_call(func, args, kwargs)
     if device.type == BACKEND:
-        raise RuntimeError(f"tensor lives on worker {x._worker.id!r} ({x._worker.device}), not on "
-                           f"{device}; its data would pass through this process: .get() it first")
+        return _to_other_worker(x, device, args[1:], kwargs)
     return fetched(x, x.get().to(*args[1:], **kwargs))  # to a local device: fetch
+
+
+def _to_other_worker(x: RemoteTensor, device: torch.device, args: tuple, kwargs: dict) -> RemoteTensor:
+    """As `cuda:0` -> `cuda:1`: worker to worker (`x.move`, with its release rules), then any dtype
+    change there. Not differentiable yet, so refused where autograd would need it."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"x.to({device}) from {x.device} is not differentiable yet: move x.detach(), or move the "
+            f"model (model.to({device}) moves its parameters without autograd, as torch does)")
+    moved = x.move(worker_of(device))
+    dtype = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k not in ("non_blocking", "copy")})[1]
+    return moved.to(dtype) if dtype is not None and dtype != moved.dtype else moved
 
 
 @implements(_T.copy_)
