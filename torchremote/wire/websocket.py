@@ -209,13 +209,17 @@ class WebSocket:
                 ) -> bytes | bytearray | Placed | None:
         """The next message, or None if none started within `timeout` (None: wait for ever).
         Pings are answered on the way. Raises `ConnectionClosed` when the connection ends."""
+        wait = timeout
         while True:
-            if not self._buf and timeout is not None and not self.readable(timeout):
+            if not self._buf and wait is not None and not self.readable(wait):
                 return None
             message = self._next_frame(placement)
             if message is not None:
                 return message
-            timeout = 0 if timeout is not None else None  # a control frame: keep going only on data
+            if self.protocol.current_size is None and wait is not None:
+                wait = 0  # a control frame: keep going only on data already here
+            else:
+                wait = timeout  # a fragment of a message begun: wait for the rest as for its start
 
     def _next_frame(self, placement: Placement | None) -> bytes | bytearray | Placed | None:
         self._fill(2)
