@@ -137,7 +137,8 @@ def main() -> None:
             model.to(dev)
             got, t_remote = bf16_steps(model, tokens.to(dev), dev.type, args.steps)
             close = all(abs(a - b) <= 2e-2 * max(1.0, abs(a)) for a, b in zip(want, got))
-            failures += [] if close else [name]
+            if not close:
+                failures.append(name)
             print(f"| {name} | {t_local * 1e3:.1f} ms | {t_remote * 1e3:.1f} ms | {t_remote / t_local:.2f}x | "
                   f"{'yes' if close else 'NO'} (last loss {want[-1]:.4f} / {got[-1]:.4f}) |")
         if device.type == "cuda":
@@ -162,7 +163,8 @@ def main() -> None:
             torch.remote.synchronize(dev)
             t_remote = time.perf_counter() - t0
             same = torch.equal(remote[:1000].get(), data[:1000])
-            failures += [] if same else [f"1 GiB {how}"]
+            if not same:
+                failures.append(f"1 GiB {how}")
             print(f"| 1 GiB to the {device.type}, {how} | {1 / t_local:.2f} GiB/s | {1 / t_remote:.2f} GiB/s | "
                   f"{t_remote / t_local:.2f}x | {'yes' if same else 'NO'} |")
             del remote

@@ -37,14 +37,12 @@ def _copy_from_here(func: Any, args: tuple, kwargs: dict) -> Any:
     """The copy inside `c.to(dev)` (torch's C++ makes the tensor, then copies into it): from a `c`
     that requires grad, the copy is differentiable."""
     dst, src = args[0], args[1]
+    sent = args
     if (isinstance(dst, RemoteTensor) and type(src) is torch.Tensor and src.layout == torch.strided
             and src.numel() * src.element_size() >= LARGE_COPY_BYTES):
         # one message would carry it whole (a snapshot copy, no progress): send it, then copy there
-        args = (dst, send(src.detach(), dst._worker), *args[2:])
-        result = remote_call(func, args, kwargs)
-        args = (dst, src)
-    else:
-        result = remote_call(func, args, kwargs)
+        sent = (dst, send(src.detach(), dst._worker), *args[2:])
+    result = remote_call(func, sent, kwargs)
     if (isinstance(dst, RemoteTensor) and not isinstance(src, RemoteTensor) and src.requires_grad
             and torch.is_grad_enabled()):
         link_local_source(dst, src)

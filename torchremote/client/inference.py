@@ -171,13 +171,12 @@ def _autocast_dtypes(result: Plan, func: Callable, inputs: list, spec: Any, devi
     except Exception:
         keeps_dtypes = all(o.kind != NEW or o.view_of is not None for o in result.outs)
         return result if keeps_dtypes else None
-    tensors = iter([t for t in out_flat if isinstance(t, torch.Tensor)])
-    if sum(o.kind != VALUE for o in result.outs) != sum(isinstance(t, torch.Tensor) for t in out_flat):
+    tensors = [t for t in out_flat if isinstance(t, torch.Tensor)]
+    positions = [i for i, o in enumerate(result.outs) if o.kind != VALUE]
+    if len(tensors) != len(positions):
         return None
-    for position, out in enumerate(result.outs):
-        if out.kind == VALUE:
-            continue
-        t = next(tensors)
+    for position, t in zip(positions, tensors):
+        out = result.outs[position]
         if out.kind == NEW and t.dtype != out.payload.dtype:
             meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
             out.payload, out.key, out.view_of = TensorMeta.of(meta), tensor_key(meta), None
@@ -185,11 +184,12 @@ def _autocast_dtypes(result: Plan, func: Callable, inputs: list, spec: Any, devi
     return result
 
 
-def _fake(a: torch.Tensor, device_type: str, made: dict[int, torch.Tensor]) -> torch.Tensor:
-    t = made.get(id(a))
+def _fake(meta: torch.Tensor, device_type: str, made: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A fake tensor on `device_type` shaped like a meta stand-in (one per stand-in, so that an
+    argument given twice stays one tensor)."""
+    t = made.get(id(meta))
     if t is None:
-        device = a.device if a.device.type != "meta" else device_type
-        t = made[id(a)] = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=device)
+        t = made[id(meta)] = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device=device_type)
     return t
 
 

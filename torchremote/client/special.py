@@ -116,8 +116,8 @@ def _to_other_worker(x: RemoteTensor, device: torch.device, args: tuple, kwargs:
         raise NotImplementedError(
             f"x.to({device}) from {x.device} is not differentiable yet: move x.detach(), or move the "
             f"model (model.to({device}) moves its parameters without autograd, as torch does)")
+    dtype = _parse_to(args, kwargs)[1]  # before the move: a malformed call moves nothing
     moved = x.move(worker_of(device))
-    dtype = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k not in ("non_blocking", "copy")})[1]
     return moved.to(dtype) if dtype is not None and dtype != moved.dtype else moved
 
 
@@ -133,8 +133,7 @@ def _changes_nothing(x: RemoteTensor, args: tuple, kwargs: dict) -> bool:
     if kwargs.get("copy") or any(type(a) is bool for a in args[1:]):  # copy=, or non_blocking/copy given positionally
         return False
     try:
-        device, dtype, _, memory_format = torch._C._nn._parse_to(
-            *args, **{k: v for k, v in kwargs.items() if k not in ("non_blocking", "copy")})
+        device, dtype, _, memory_format = _parse_to(args, kwargs)
     except (TypeError, RuntimeError):
         return False  # not a form torch parses: the worker gives torch's error
     return ((device is None or device == x._worker.device) and (dtype is None or dtype == x.dtype)
@@ -176,6 +175,12 @@ def _compatible_shallow_copy(func: Any, args: tuple, kwargs: dict) -> bool:
         return a._worker is b._worker
     local = b if isinstance(a, RemoteTensor) else a
     return local.layout == torch.strided
+
+
+def _parse_to(args: tuple, kwargs: dict) -> tuple:
+    """torch's own reading of `.to(...)`'s arguments (after the tensor): device, dtype,
+    non_blocking, memory_format."""
+    return torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k not in ("non_blocking", "copy")})
 
 
 def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
