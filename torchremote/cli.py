@@ -57,7 +57,8 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
         return 1
     try:
-        published = server.publish_files(files, args.tags or (), args.description, private=args.private)
+        published = server.publish_files(files, args.tags or (), args.description, private=args.private,
+                                         writable=args.writable)
     except Exception as e:  # a device that cannot hold them, say: stop rather than serve half
         server.stop()
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--tags", nargs="+", metavar="T", help="tags added to every tensor published from files")
     w.add_argument("--private", action="store_true",
                    help="clients may compute on the tensors published from files, never fetch them")
+    w.add_argument("--writable", action="store_true",
+                   help="clients may change the tensors published from files in place (default: read-only)")
     w.add_argument("--description", help="description of the tensors published from files "
                                           "(default: the file's own metadata)")
     w.add_argument("--device", default="cpu", help="where the worker keeps tensors (default: cpu)")

@@ -265,7 +265,16 @@ def _set_requires_grad(t: RemoteTensor, value: bool, dtypes: str) -> None:
         return
     if value and not (t.dtype.is_floating_point or t.dtype.is_complex):
         raise RuntimeError(f"only Tensors of {dtypes} dtype can require gradients")
+    if value and type(t._ref) is m.PublishedRef:
+        _own_leaf(t)
     t._rg = value
+
+
+def _own_leaf(t: RemoteTensor) -> None:
+    """A published pointer that is to require grad becomes a leaf of this client's own: an alias of
+    the owner's memory on the worker (no copy), whose flag and `.grad` no other client shares."""
+    _, op_id = queue(_T.detach, (t,), {})
+    t._ref, t._lease = m.ClientRef(op_id, 0), None
 
 
 @implements(_T.requires_grad_)

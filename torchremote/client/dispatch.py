@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..wire import codec, ops
 from ..wire import messages as m
+from ..wire.errors import published_read_only
 from . import arguments, autograd, inference, registry, tensor
 from . import device as devices
 from .device import BACKEND
@@ -289,9 +290,8 @@ def _call(worker: "Session", func: Callable, name: str, flat: list, spec: Any, k
         return _call_sync(worker, name, flat, spec, _local_bytes(flat))
     outs = plan.outs
     for out in outs:
-        if out.kind == inference.IN and not isinstance(flat[out.payload], RemoteTensor):
-            raise RuntimeError(f"{name} would write its result into a local tensor; the op runs on "
-                               f"worker {worker.id!r}: use a RemoteTensor there (or .get() first)")
+        if out.kind == inference.IN:
+            _check_writable(name, worker, flat[out.payload])
     wire_flat, nbytes = _to_wire(flat)
     wire_args, wire_kwargs = _unflatten(wire_flat, spec)
     op_id = worker._call(name, wire_args, wire_kwargs, nbytes)
@@ -326,6 +326,20 @@ def _call(worker: "Session", func: Callable, name: str, flat: list, spec: Any, k
     if plan.spec is None:
         return results[0]
     return tree_unflatten(results, plan.spec)
+
+
+def _check_writable(name: str, worker: "Session", target: Any) -> None:
+    """An op may write into a pointer of this worker's, unless it points into read-only published
+    data (the worker refuses that too; saying so here raises it at the call)."""
+    if not isinstance(target, RemoteTensor):
+        raise RuntimeError(f"{name} would write its result into a local tensor; the op runs on "
+                           f"worker {worker.id!r}: use a RemoteTensor there (or .get() first)")
+    base = target._view_base
+    if base is None:
+        base = target
+    published = base._published
+    if published is not None and not published.writable:
+        raise published_read_only(published.tags[0] if published.tags else base.id, ops.short_name(name))
 
 
 def _call_sync(worker: "Session", name: str, flat: list, spec: Any, nbytes: int) -> Any:

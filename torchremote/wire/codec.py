@@ -376,7 +376,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.TensorMeta: (_is_shape, _is_shape, _is_int, _of(torch.dtype), _of(bool)),
     m.SameAs: (_of(m.ClientRef, m.PublishedRef),),
     m.ErrorInfo: (_of(str), _of(str), lambda v: v is None or type(v) is str, _of(str)),
-    m.PublishedInfo: (_of(m.PublishedRef), _of(m.TensorMeta), _is_str_tuple, _of(str)),
+    m.PublishedInfo: (_of(m.PublishedRef), _of(m.TensorMeta), _is_str_tuple, _of(str), _of(bool)),
     m.ObjectInfo: (_of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _is_str_tuple, _of(str)),
     m.ChunkedTensor: (_of(torch.dtype), _is_shape, lambda v: v is None or _is_shape(v), _is_int),
     m.PutBegin: (_is_int, _of(m.ChunkedTensor), _of(bool), _of(str)),
@@ -391,7 +391,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.ListReleases: (_is_int,),
     m.Decide: (_is_int, _is_int, _of(bool), _of(str)),
     m.ReleaseInfo: (_is_int, _of(str), _of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _of(str), _is_int,
-                    _of(str), _of(str), _of(str)),
+                    _of(str), _of(str), _of(str), _of(str)),
     m.Chunk: (_is_int, _is_int, lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
               and v.dim() == 1),
 }

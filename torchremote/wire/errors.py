@@ -49,6 +49,13 @@ class ApprovalRequired(WorkerPermissionError):
         return int(found.group(1)) if found else None
 
 
+def published_read_only(name: str, op: str) -> WorkerPermissionError:
+    """The refusal of a change to published data (made by the client, and by the worker itself)."""
+    return WorkerPermissionError(
+        f"{op} would change published tensor {name!r}, which is read-only to clients (its owner "
+        f"published it so): compute on a copy of your own instead, e.g. x = x.clone()")
+
+
 class ProtocolError(TorchRemoteError, ValueError):
     """Bytes that do not decode to a valid torchremote message."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAGIC = b"TRM2"                      # first bytes of every frame (and the wire version)
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -104,6 +104,7 @@ class PublishedInfo:
     meta: TensorMeta
     tags: tuple[str, ...]
     description: str
+    writable: bool = False   # clients may change it in place; read-only otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,7 @@ class ReleaseInfo:
     status: str
     decided_by: str = ""
     note: str = ""
+    failure: str = ""  # the owner's view only: the error an op on it met, kept from the client
 
 
 # --- handshake -----------------------------------------------------------------------------------

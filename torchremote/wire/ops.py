@@ -71,6 +71,14 @@ def name_of(func: Callable) -> str | None:
     return name
 
 
+def short_name(op: str) -> str:
+    """'torch.Tensor.add' -> 'add'; an ATen overload ('..._foreach_add_.List') -> its op's name."""
+    parts = op.split(".")
+    if len(parts) > 1 and (parts[-1][:1].isupper() or parts[-1] == "default"):
+        return parts[-2]
+    return parts[-1]
+
+
 def is_denied(func: Callable) -> bool:
     """A callable whose name says it touches storage, hooks, pickling or files."""
     return bool(_DENIED.search(f"{getattr(func, '__qualname__', '')}.{getattr(func, '__name__', '')}"))

@@ -13,10 +13,12 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..wire import codec, ops
+from ..wire.ops import short_name
 from ..wire import messages as m
 from ..wire.errors import WorkerPermissionError, to_info
 from ..wire.messages import REMOTE_DEVICE_TYPE as _REMOTE, object_id
-from .provenance import BACKWARD_OPS, Derived, Provenance, short_name
+from .provenance import BACKWARD_OPS, Derived, Provenance
+from .read_only import ReadOnlyGuard, own_alias, touches
 from .releases import ReleaseDesk
 from .store import ObjectStore
 
@@ -72,6 +74,9 @@ class Session:
             m.ListReleases: self._list_releases, m.Decide: self._decide,
         }
         self._incoming: dict[int, tuple[codec.Assembly, bool, str]] = {}
+        self._aliases: dict[int, torch.Tensor] = {}  # published object -> this session's alias of it
+        # what this session may not write into (the owner's own sessions may)
+        self._protected = {} if is_owner else store.read_only_storages
 
     def run(self, commands: list) -> list:
         """Run a batch in order; returns the replies and failures to send back (maybe none)."""
@@ -158,10 +163,13 @@ class Session:
     # --- resolving references ---
     def _tensor(self, ref: m.Ref) -> torch.Tensor:
         if isinstance(ref, m.PublishedRef):
-            published = self.store.published(ref)
-            if not published.allow_get:
-                self.provenance.watching = True  # from now on, this session's values are tracked
-            return published.tensor
+            alias = self._aliases.get(ref.pub_id)
+            if alias is None:
+                published = self.store.published(ref)
+                if not published.allow_get:
+                    self.provenance.watching = True  # from now on, this session's values are tracked
+                alias = self._aliases[ref.pub_id] = own_alias(published.tensor)
+            return alias
         t = self.objects.get(ref)
         if t is not None:
             return t
@@ -170,18 +178,19 @@ class Session:
         raise LookupError(f"object {object_id(ref)} does not exist on this worker "
                           f"(it was released, or was never created)")
 
-    def _resolve(self, value: Any, inputs: dict[int, m.Ref]) -> Any:
+    def _resolve(self, value: Any, refs: dict[int, m.Ref], inputs: dict[int, torch.Tensor]) -> Any:
         """Replace references by the tensors they name (and remote devices by this worker's)."""
         if type(value) is tuple and not any(isinstance(v, _CONTAINERS) for v in value):
-            return tuple(self._leaf(v, inputs) for v in value)  # the common case, without pytree
+            return tuple(self._leaf(v, refs, inputs) for v in value)  # the common case, without pytree
         if type(value) is dict and not value:
             return value
-        return tree_map(lambda v: self._leaf(v, inputs), value)
+        return tree_map(lambda v: self._leaf(v, refs, inputs), value)
 
-    def _leaf(self, v: Any, inputs: dict[int, m.Ref]) -> Any:
+    def _leaf(self, v: Any, refs: dict[int, m.Ref], inputs: dict[int, torch.Tensor]) -> Any:
         if isinstance(v, (m.ClientRef, m.PublishedRef)):
             t = self._tensor(v)
-            inputs[id(t)] = v
+            refs[id(t)] = v
+            inputs[id(t)] = t
             return t
         if isinstance(v, torch.device) and v.type == _REMOTE:
             return self.device
@@ -264,20 +273,24 @@ class Session:
         """Run one op (or client function); its tensor outputs become `ClientRef(op_id, k)`.
         `load(op)` gives the callable; `autocast`, the dtype of the client's autocast region, applied
         with this worker's device's rules."""
-        inputs: dict[int, m.Ref] = {}
+        refs: dict[int, m.Ref] = {}  # id(tensor) -> the reference it was named by
+        inputs: dict[int, torch.Tensor] = {}  # ... -> the tensor, kept alive while the op runs
         req_id = op_id if reply else None
         derived = None
         try:
             func = load(op)
-            args = self._resolve(wire_args, inputs)
-            kwargs = self._resolve(wire_kwargs, inputs) if wire_kwargs else wire_kwargs
+            args = self._resolve(wire_args, refs, inputs)
+            kwargs = self._resolve(wire_kwargs, refs, inputs) if wire_kwargs else wire_kwargs
             if self.provenance.watching:
-                tensors = [self._tensor(r) for r in inputs.values()]
+                tensors = list(inputs.values())
                 derived = self.provenance.combine(op, tensors)
                 if derived is not None:
                     versions = [t._version for t in tensors]
                     if reply and load is ops.resolve:  # a value, or a data-dependent shape: a release
-                        self._allow_release(zip(inputs.values(), tensors), short_name(op))  # all it reads
+                        self._allow_release(zip(refs.values(), tensors), short_name(op))  # all it reads
+            protected = self._protected
+            if protected and (load is not ops.resolve or touches(protected, inputs.values())):
+                func = _guarded(func, protected, short_name(op))
             if autocast is not None:
                 with torch.set_grad_enabled(grad_enabled), torch.autocast(self.device.type, autocast):
                     result = func(*args, **kwargs)
@@ -324,7 +337,7 @@ class Session:
             self._hold(m.ClientRef(op_id, k), leaf)
         if reply:
             try:
-                out.append(m.Reply(req_id, _describe_result(result, inputs)))
+                out.append(m.Reply(req_id, _describe_result(result, refs)))
             except TypeError as e:
                 out.append(m.Failure(req_id, op_id, to_info(e, op=op)))
 
@@ -441,6 +454,14 @@ class Session:
         decided = (self.releases.approve(cmd.request_id, by=by) if cmd.approve
                    else self.releases.deny(cmd.request_id, cmd.reason, by=by))
         out.append(m.Reply(cmd.req_id, decided.row()))
+
+
+def _guarded(func: Callable, protected: dict[int, str], op: str) -> Callable:
+    """`func`, refusing any write into protected (published read-only) memory."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with ReadOnlyGuard(protected, op):
+            return func(*args, **kwargs)
+    return run
 
 
 def _reply_id(cmd: Any) -> int | None:

@@ -21,6 +21,7 @@ from typing import Iterable
 
 import torch
 
+from ..wire.ops import short_name
 
 MAX_LINEAGE = 160
 LINEAGE_DEPTH = 12   # levels of lineage kept as a tree before it is written out
@@ -56,14 +57,6 @@ class Derived:
 
     def __repr__(self) -> str:
         return f"Derived({sorted(self.sources)}, {self.lineage!r}, steps={self.steps})"
-
-
-def short_name(op: str) -> str:
-    """'torch.Tensor.add' -> 'add'; an ATen overload ('..._foreach_add_.List') -> its op's name."""
-    parts = op.split(".")
-    if len(parts) > 1 and (parts[-1][:1].isupper() or parts[-1] == "default"):
-        return parts[-2]
-    return parts[-1]
 
 
 def _shorten(text: str) -> str:

@@ -121,31 +121,33 @@ class WorkerServer:
         return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
 
     def publish(self, tensor: torch.Tensor, tags: Iterable[str] = (), description: str = "",
-                allow_get: bool = True, private: bool = False) -> str:
+                allow_get: bool = True, private: bool = False, writable: bool = False) -> str:
         """Offer `tensor` to clients, findable by its tags. Returns its object id. `private=True`
         (or `allow_get=False`): clients compute on it, and whatever derives from it leaves only
-        through a release request the owner approved (`requests`, `approve`, `auto_approve`)."""
+        through a release request the owner approved (`requests`, `approve`, `auto_approve`).
+        Clients never change it (a `PermissionError` says to clone first) unless `writable=True`:
+        a tensor clients are meant to update in place, a shared model's weights say."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"publish() takes a torch.Tensor, not {type(tensor).__qualname__}")
         if isinstance(tags, str):
             tags = (tags,)
         ref = self.store.publish(tensor.detach().to(self.device), tuple(tags), description,
-                                 allow_get and not private)
-        self.log.info("published %s %s %s%s", object_id(ref), tuple(tensor.shape), list(tags),
-                      " (private)" if private or not allow_get else "")
+                                 allow_get and not private, writable)
+        self.log.info("published %s %s %s%s%s", object_id(ref), tuple(tensor.shape), list(tags),
+                      " (private)" if private or not allow_get else "", " (writable)" if writable else "")
         return object_id(ref)
 
     def publish_file(self, path: str, tags: Iterable[str] = (), description: str | None = None,
-                     allow_get: bool = True, private: bool = False) -> dict[str, str]:
+                     allow_get: bool = True, private: bool = False, writable: bool = False) -> dict[str, str]:
         """Publish every tensor in a safetensors file under its name (its first tag), with `tags`
         and the file's own metadata tags; returns name -> object id. Nothing is published from a
         file that cannot be read whole (`PublishFileError`, naming it). The file's metadata may
         make it private too (`"private": "true"`)."""
-        return self.publish_files([published_files.read(path)], tags, description, allow_get, private)
+        return self.publish_files([published_files.read(path)], tags, description, allow_get, private, writable)
 
     def publish_files(self, files: list[published_files.TensorFile], tags: Iterable[str] = (),
                       description: str | None = None, allow_get: bool = True,
-                      private: bool = False) -> dict[str, str]:
+                      private: bool = False, writable: bool = False) -> dict[str, str]:
         """Publish files already read (`published_files.read`): what `publish_file` does after reading."""
         if isinstance(tags, str):
             tags = (tags,)
@@ -154,7 +156,7 @@ class WorkerServer:
             for name, tensor in f.tensors.items():
                 ids[name] = self.publish(tensor, (name, *tags, *f.tags),
                                          f.description if description is None else description, allow_get,
-                                         private or f.private)
+                                         private or f.private, writable)
         return ids
 
     # --- what leaves: requests to release private-derived data ---

@@ -21,6 +21,7 @@ class Published:
     tags: tuple[str, ...]
     description: str
     allow_get: bool
+    writable: bool = False   # clients may update it in place (a shared model); read-only otherwise
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -36,20 +37,25 @@ class ObjectStore:
         self._namespaces: dict[str, dict[m.ClientRef, torch.Tensor]] = {}
         self._next_pub = 1
         self.published_storages: set[int] = set()  # owned by the owner: never counted to a client
+        # behind data published read-only (the default): storage -> the name a refusal gives
+        self.read_only_storages: dict[int, str] = {}
         # behind data published with allow_get=False (private): storage -> the name lineage shows
         self.no_get_storages: dict[int, str] = {}
         self._tickets: dict[str, tuple[str, m.ClientRef]] = {}  # move tickets -> (client, slot)
 
     # --- published data ---
     def publish(self, tensor: torch.Tensor, tags: tuple[str, ...], description: str,
-                allow_get: bool) -> m.PublishedRef:
+                allow_get: bool, writable: bool = False) -> m.PublishedRef:
         with self._lock:
             pub_id, self._next_pub = self._next_pub, self._next_pub + 1
-            self._published[pub_id] = Published(tensor, tags, description, allow_get)
+            self._published[pub_id] = Published(tensor, tags, description, allow_get, writable)
             if tensor.numel():
-                self.published_storages.add(storage_key(tensor))
+                key, name = storage_key(tensor), tags[0] if tags else f"p{pub_id}"
+                self.published_storages.add(key)
                 if not allow_get:
-                    self.no_get_storages[storage_key(tensor)] = tags[0] if tags else f"p{pub_id}"
+                    self.no_get_storages[key] = name
+                if not writable:
+                    self.read_only_storages[key] = name
         return m.PublishedRef(pub_id)
 
     def published(self, ref: m.PublishedRef) -> Published:
@@ -62,7 +68,7 @@ class ObjectStore:
         wanted = set(tags)
         with self._lock:
             hits = [(i, p) for i, p in self._published.items() if wanted <= set(p.tags)]
-        return [m.PublishedInfo(m.PublishedRef(i), m.TensorMeta.of(p.tensor), p.tags, p.description)
+        return [m.PublishedInfo(m.PublishedRef(i), m.TensorMeta.of(p.tensor), p.tags, p.description, p.writable)
                 for i, p in hits]
 
     # --- client namespaces ---
