@@ -120,6 +120,31 @@ def test_a_dead_worker_raises_connection_error_within_seconds(worker_process):
     bob.close()
 
 
+@pytest.mark.parametrize("how", ["stop()", "SIGTERM"])
+def test_a_clean_worker_stop_says_so_and_is_not_retried(worker_process, caplog, how):
+    if how == "stop()":
+        server = tr.start_worker(id="leaving")
+        url, stop = server.url, server.stop
+    else:
+        worker = worker_process("--id", "leaving")
+        url, stop = worker.url, lambda: (worker.proc.send_signal(signal.SIGTERM), worker.proc.wait(timeout=10))
+    client = tr.connect(url)
+    x = torch.ones(3).send(client)
+    assert (x + 1).sum().item() == 6.0
+    stop()
+    start = time.monotonic()
+    with pytest.raises(tr.WorkerConnectionError) as info:
+        for _ in range(100):  # the next call that learns of it
+            (x + 1).sum().item()
+            time.sleep(0.05)
+    assert "worker 'leaving' shut down" in str(info.value), info.value
+    assert time.monotonic() - start < 5
+    assert not any("reconnecting" in r.getMessage() for r in caplog.records)
+    with pytest.raises(tr.WorkerConnectionError, match="shut down"):
+        x.get()
+    client.close()
+
+
 def test_a_bad_token_is_a_permission_error():
     server = tr.start_worker(id="locked", token="s3cret")
     try:

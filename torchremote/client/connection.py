@@ -24,9 +24,10 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from ..wire import messages as m
 from ..wire.errors import SessionInUseError, TorchRemoteError, WorkerConnectionError
 from ..wire.resume import ReplayLog, frozen, payload_bytes
-from ..wire.websocket import ConnectionClosed, Placement, WebSocket, close_socket, open_client
+from ..wire.websocket import CloseCode, ConnectionClosed, Placement, WebSocket, close_socket, open_client
 
 log = logging.getLogger("torchremote")
 
@@ -169,6 +170,9 @@ class ClientConnection:
                 ws.keepalive()
                 return
         except ConnectionClosed as e:
+            if ws.close_code == CloseCode.NORMAL_CLOSURE and ws.close_reason == m.SHUTDOWN_REASON:
+                self._lost(f"worker {self.name!r} shut down", shut_down=True)  # nothing left to resume
+                return
             self._resume(ws, str(e))
             return
         self.received += 1
@@ -240,9 +244,11 @@ class ClientConnection:
             delay = min(delay * 2, most)
         return why
 
-    def _lost(self, why: str) -> None:
+    def _lost(self, why: str, shut_down: bool = False) -> None:
         if self._lost_error is None:
-            self._lost_error = WorkerConnectionError(f"lost the connection to worker {self.name!r} at {self.url}: {why}")
+            self._lost_error = WorkerConnectionError(
+                f"{why} (it closed the connection at {self.url}); reconnect once it is back" if shut_down
+                else f"lost the connection to worker {self.name!r} at {self.url}: {why}")
         self._on_lost(self._lost_error)
 
     # --- the pump: batches out, input in while nobody waits ---

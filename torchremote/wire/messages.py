@@ -20,6 +20,7 @@ PROTOCOL_VERSION = 5
 MAGIC = b"TRM2"                      # first bytes of every frame (and the wire version)
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
+SHUTDOWN_REASON = "worker shut down"  # the reason of the normal close (1000) a stopping worker sends
 CHUNK_BYTES = 4 << 20               # tensors larger than this travel as a header, then chunks
 REMOTE_DEVICE_TYPE = "remote"        # torch's PrivateUse1 backend, renamed: pointers live on remote:i
 

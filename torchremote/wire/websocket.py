@@ -98,6 +98,8 @@ class WebSocket:
         self._ping_sent: float | None = None
         self.closed: str | None = None
         self.closed_by_peer = False  # the peer sent a close frame: it ended the connection on purpose
+        self.close_code: int | None = None  # ... with this code (1000: a normal end), and reason
+        self.close_reason = ""
         sock.settimeout(stall_s)
 
     # --- sending ---
@@ -285,7 +287,8 @@ class WebSocket:
                 code = close.code if close is not None else CloseCode.NO_STATUS_RCVD
                 why = f" ({close.reason})" if close is not None and close.reason else ""
                 self.closed = f"closed by the peer (code {int(code)}{why})"
-                self.closed_by_peer = True
+                self.closed_by_peer, self.close_code = True, int(code)
+                self.close_reason = close.reason if close is not None else ""
                 close_socket(self.sock)
                 raise ConnectionClosed(self.closed)
         return message

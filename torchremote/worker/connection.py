@@ -46,8 +46,8 @@ class ServedConnection:
     def send(self, chunks: list) -> None:
         self.ws.send(chunks)
 
-    def close(self) -> None:
-        self.ws.close()
+    def close(self, reason: str = "") -> None:
+        self.ws.close(reason=reason)
 
 
 class Listener:
@@ -83,7 +83,7 @@ class Listener:
             connections = list(self._connections)
             threads = list(self._threads)
         for conn in connections:
-            conn.close()
+            conn.close(reason=m.SHUTDOWN_REASON)  # a normal close (1000): the client does not try to resume
         for thread in [*threads, self._heartbeat]:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
