@@ -95,12 +95,75 @@ def test_in_place_changes_views_and_out_carry_provenance(alice):
     assert clean.get().tolist() == [5.0, 6.0, 7.0, 8.0]
 
 
-def test_errors_on_derived_data_do_not_echo_values(alice):
+def test_an_error_on_derived_data_is_released_only_with_approval(alice, bob):
     x, _, _ = private(alice)
     table = torch.zeros(3).send(alice)
-    with pytest.raises(IndexError) as info:
-        table[(x * 100).long()].sum().item()
-    assert "400" not in str(info.value) and "withholds" in str(info.value)
+    picked = table[(x * 100).long()]  # out of range: the client is not told, at the call or later
+    assert (torch.ones(2).send(alice) * 3).sum().item() == 6.0  # an unrelated sync: nothing raised
+    total = picked.sum()
+    error = refused(total.item)  # what any value derived from private data gets
+    (request,) = [r for r in bob.requests() if r.id == error.request_id]
+    assert request.lineage == "sum(__getitem__(_, long(mul(#X))))"
+    assert "index 100 is out of bounds" in request.failure  # the owner sees the error ...
+    handle = total.request(reason="why did it fail?")
+    assert "100 is out" not in repr(handle)  # ... the client does not
+    bob.approve(error.request_id)
+    with pytest.raises(IndexError, match="index 100 is out of bounds") as info:
+        total.item()  # approved: the error, not a value
+    assert f"request #{error.request_id}" in str(info.value)
+    refused(total.item)  # used up, as any approval
+
+
+def _probe(attack, threshold: float) -> list:
+    """Everything a client sees while probing private #X with `attack` at `threshold`, and at
+    every call after it (on a worker of its own: request numbers and client names then match)."""
+    server = tr.start_worker(id="bob", token="client-token", owner_token="owner-token")
+    server.publish(X, tags=["#X"], private=True)
+    server.publish(torch.tensor([5.0, 6.0, 7.0, 8.0]), tags=["#open"])
+    try:
+        return _seen(server.url, attack, threshold)
+    finally:
+        server.stop()
+
+
+def _seen(url: str, attack, threshold: float) -> list:
+    seen = []
+
+    def record(call):
+        try:
+            seen.append(("value", call()))
+        except Exception as e:
+            seen.append((type(e).__name__, str(e), getattr(e, "__notes__", [])))
+
+    with tr.connect(url, token="client-token", name="eve") as eve:
+        (x,), (o,) = eve.search("#X"), eve.search("#open")
+        record(lambda: type(attack(x, eve, threshold)).__name__)
+        record(lambda: (o * 2).sum().item())                    # an unrelated sync
+        record(eve.sync)
+        record(lambda: (o + 1).get().tolist())
+        record(lambda: sorted((r.owner == eve.client_id, r.shape, r.dtype, r.nbytes) for r in eve.objects()))
+        record(lambda: (x.sum() + 0).item())                    # a release: the same request, pending
+        record(lambda: [(r.status, r.lineage) for r in [eve.search("#X")[0].request()._info]])
+    return seen
+
+
+PROBES = {
+    "_assert_async": lambda x, w, t: torch._assert_async(x[0] > t),
+    "gather out of range": lambda x, w, t: torch.arange(3.0).send(w).gather(0, (x[:1] > t).long() * 10),
+    "a poisoned chain": lambda x, w, t: (torch.arange(3.0).send(w)[(x[:1] > t).long() * 10] + 1).exp(),
+    "a failing backward": lambda x, w, t: (
+        torch.ones(1).send(w).requires_grad_().mul(torch.ones(3).send(w)[(x[:1] > t).long() * 10]).sum().backward()),
+}
+
+
+@pytest.mark.parametrize("probe", list(PROBES))
+def test_an_error_on_private_data_is_no_oracle(probe, caplog):
+    holds, fails = _probe(PROBES[probe], threshold=0.5), _probe(PROBES[probe], threshold=100.0)
+    failures = [r for r in caplog.records if "failed on data derived from private data" in r.getMessage()]
+    assert len(failures) == 1  # one of the two probes did fail (the owner's log says so) ...
+    assert holds == fails  # ... and the client cannot tell which
+    assert holds[1] == ("value", 52.0) and holds[3] == ("value", [6.0, 7.0, 8.0, 9.0])
+    assert holds[5][0] == "ApprovalRequired"
 
 
 def test_a_model_trained_on_private_data_has_private_grads_and_weights(alice):

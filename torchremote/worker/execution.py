@@ -18,8 +18,9 @@ from ..wire import messages as m
 from ..wire.errors import WorkerPermissionError, to_info
 from ..wire.messages import REMOTE_DEVICE_TYPE as _REMOTE, object_id
 from .provenance import BACKWARD_OPS, Derived, Provenance
+from . import failures
 from .read_only import ReadOnlyGuard, own_alias, touches
-from .releases import ReleaseDesk
+from .releases import ReleaseDesk, ReleasedFailure
 from .store import ObjectStore
 
 _CONTAINERS = (list, tuple, dict)
@@ -109,7 +110,10 @@ class Session:
             if d is not None:
                 derived.append((ref, t, d))
         if derived:
-            self.releases.release(self.client_id, derived, what)
+            try:
+                self.releases.release(self.client_id, derived, what)
+            except ReleasedFailure as failure:  # what the owner let go is an op's error
+                raise _Poisoned(failure.info) from None
 
     # --- what this client holds ---
     def _new_bytes(self, tensors: list[torch.Tensor]) -> int:
@@ -277,8 +281,9 @@ class Session:
         inputs: dict[int, torch.Tensor] = {}  # ... -> the tensor, kept alive while the op runs
         req_id = op_id if reply else None
         derived = None
+        running = False  # inside the op itself: what fails there may depend on the values
         try:
-            func = load(op)
+            func = run = load(op)
             args = self._resolve(wire_args, refs, inputs)
             kwargs = self._resolve(wire_kwargs, refs, inputs) if wire_kwargs else wire_kwargs
             if self.provenance.watching:
@@ -290,15 +295,17 @@ class Session:
                         self._allow_release(zip(refs.values(), tensors), short_name(op))  # all it reads
             protected = self._protected
             if protected and (load is not ops.resolve or touches(protected, inputs.values())):
-                func = _guarded(func, protected, short_name(op))
+                run = _guarded(func, protected, short_name(op))
+            running = True
             if autocast is not None:
                 with torch.set_grad_enabled(grad_enabled), torch.autocast(self.device.type, autocast):
-                    result = func(*args, **kwargs)
+                    result = run(*args, **kwargs)
             elif grad_enabled is torch.is_grad_enabled():
-                result = func(*args, **kwargs)
+                result = run(*args, **kwargs)
             else:
                 with torch.set_grad_enabled(grad_enabled):
-                    result = func(*args, **kwargs)
+                    result = run(*args, **kwargs)
+            running = False
             if isinstance(result, torch.Tensor):
                 leaves = [result]
             elif result is None:
@@ -323,7 +330,11 @@ class Session:
         except Exception as e:
             tb = "" if isinstance(e, WorkerPermissionError) else traceback.format_exc(limit=-4)
             info = to_info(e, op=op, tb=tb)
-            if derived is not None and not isinstance(e, WorkerPermissionError):
+            if derived is not None and running and not isinstance(e, WorkerPermissionError):
+                if load is ops.resolve and not reply:  # reply: its inputs' release was approved
+                    if self._fail_unseen(op_id, op, func, args, kwargs, grad_enabled, autocast, derived,
+                                         info, list(inputs.values()), out):
+                        return
                 # its message may quote the data: the owner's log has it, the client gets its type
                 self.log.info("%s %s: op %s on private-derived data failed: %s", self.peer, self.client_id, op, e)
                 info = m.ErrorInfo(info.type, f"{op} failed on data derived from private data; the "
@@ -340,6 +351,36 @@ class Session:
                 out.append(m.Reply(req_id, _describe_result(result, refs)))
             except TypeError as e:
                 out.append(m.Failure(req_id, op_id, to_info(e, op=op)))
+
+    def _fail_unseen(self, op_id: int, op: str, func: Callable, args: tuple, kwargs: dict, grad_enabled: bool,
+                     autocast: torch.dtype | None, derived: Derived, info: m.ErrorInfo,
+                     inputs: list[torch.Tensor], out: list) -> bool:
+        """An op on private-derived data failed: let it fail unseen (`failures.py`), its outputs
+        stand-ins that carry the error. False where no stand-ins can be made (a fake run fails too:
+        then the failure does not depend on the values, and is reported as any other)."""
+        outcome = failures.backward_outcome(op, args, kwargs) if op in BACKWARD_OPS else \
+            failures.stand_in_outcome(func, args, kwargs, grad_enabled,
+                                      None if autocast is None else (self.device.type, autocast))
+        if outcome is None:
+            return False
+        try:
+            self._check_room(outcome.outputs, op)
+        except WorkerPermissionError as e:  # the stand-ins' sizes are the op's, whatever the values
+            self.failed[op_id] = failure = to_info(e, op=op)
+            out.append(m.Failure(None, op_id, failure))
+            return True
+        self.log.warning("%s %s: op %s failed on data derived from private data (%s: %s); the client is "
+                         "not told: its results carry the error to any release request", self.peer,
+                         self.client_id, op, info.type, info.message)
+        failed = derived.failed(m.ErrorInfo(info.type, info.message, op))
+        for t in [*outcome.outputs, *outcome.written]:
+            self.provenance.mark(t, failed)
+        if op in BACKWARD_OPS:
+            failures.give_missing_grads(inputs)
+            self.provenance.mark_gradients([*self.objects.values(), *inputs], failed)
+        for k, leaf in enumerate(outcome.outputs):
+            self._hold(m.ClientRef(op_id, k), leaf)
+        return True
 
     def _track(self, op: str, derived: Derived, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
                versions: list[int], result: Any) -> None:
@@ -446,14 +487,14 @@ class Session:
 
     def _list_releases(self, cmd: m.ListReleases, out: list) -> None:
         self._owner_only("list release requests")
-        out.append(m.Reply(cmd.req_id, [r.row() for r in self.releases.requests()]))
+        out.append(m.Reply(cmd.req_id, [r.row(for_owner=True) for r in self.releases.requests()]))
 
     def _decide(self, cmd: m.Decide, out: list) -> None:
         self._owner_only("approve or deny release requests")
         by = f"owner ({self.client_id})"
         decided = (self.releases.approve(cmd.request_id, by=by) if cmd.approve
                    else self.releases.deny(cmd.request_id, cmd.reason, by=by))
-        out.append(m.Reply(cmd.req_id, decided.row()))
+        out.append(m.Reply(cmd.req_id, decided.row(for_owner=True)))
 
 
 def _guarded(func: Callable, protected: dict[int, str], op: str) -> Callable:

@@ -21,6 +21,7 @@ from typing import Iterable
 
 import torch
 
+from ..wire.messages import ErrorInfo
 from ..wire.ops import short_name
 
 MAX_LINEAGE = 160
@@ -32,13 +33,15 @@ BACKWARD_OPS = frozenset({"torch.Tensor.backward", "torch.autograd.backward", "t
 class Derived:
     """What a value derives from: `sources` (private published objects, by name), `lineage` (how,
     e.g. "mean(add(#X, #Y))"), `steps` (backward passes in its history: a parameter after N
-    training steps has N). The lineage is kept as a small tree and written out only when asked
-    for (a release request); every LINEAGE_DEPTH levels it is written out and the tree dropped."""
-    __slots__ = ("sources", "steps", "_op", "_parts", "_text", "_depth")
+    training steps has N), `error` (the first error an op in its history met: see `failures.py`;
+    the owner sees it, the client only through an approved release). The lineage is kept as a small
+    tree and written out only when asked for (a release request); every LINEAGE_DEPTH levels it
+    is written out and the tree dropped."""
+    __slots__ = ("sources", "steps", "error", "_op", "_parts", "_text", "_depth")
 
     def __init__(self, sources: frozenset[str], steps: int = 0, op: str = "", parts: tuple = (),
-                 text: str = "") -> None:
-        self.sources, self.steps = sources, steps
+                 text: str = "", error: ErrorInfo | None = None) -> None:
+        self.sources, self.steps, self.error = sources, steps, error
         self._op, self._parts, self._text = op, parts, text
         depth = 0
         for p in parts:
@@ -55,8 +58,13 @@ class Derived:
         inner = ", ".join(p.lineage if p is not None else OPEN for p in self._parts)
         return _shorten(f"{short_name(self._op)}({inner})")
 
+    def failed(self, error: ErrorInfo) -> "Derived":
+        """The same history, ending in an op that failed with `error`."""
+        return Derived(self.sources, self.steps, self._op, self._parts, self._text, self.error or error)
+
     def __repr__(self) -> str:
-        return f"Derived({sorted(self.sources)}, {self.lineage!r}, steps={self.steps})"
+        failed = f", failed: {self.error.type}" if self.error is not None else ""
+        return f"Derived({sorted(self.sources)}, {self.lineage!r}, steps={self.steps}{failed})"
 
 
 def _shorten(text: str) -> str:
@@ -103,7 +111,7 @@ class Provenance:
         of = self.of
         if len(inputs) == 1:  # the common case, made cheap
             p = of(inputs[0])
-            return None if p is None else Derived(p.sources, p.steps, op, (p,))
+            return None if p is None else Derived(p.sources, p.steps, op, (p,), error=p.error)
         parts = tuple([of(t) for t in inputs])
         first = None
         for p in parts:
@@ -112,13 +120,14 @@ class Provenance:
                 break
         if first is None:
             return None
-        sources, steps = first.sources, first.steps
+        sources, steps, error = first.sources, first.steps, first.error
         for p in parts:
             if p is not None and p is not first:
                 if not p.sources <= sources:
                     sources = sources | p.sources
                 steps = max(steps, p.steps)
-        return Derived(sources, steps, op, parts)
+                error = error or p.error
+        return Derived(sources, steps, op, parts, error=error)
 
     def mark(self, t: torch.Tensor, derived: Derived) -> None:
         """`t`'s storage now holds values derived from `derived.sources`."""
@@ -131,7 +140,9 @@ class Provenance:
             known = entry[1]
             if not derived.sources <= known.sources or known.steps > derived.steps:
                 derived = Derived(known.sources | derived.sources, max(known.steps, derived.steps),
-                                  text=derived.lineage)
+                                  text=derived.lineage, error=known.error or derived.error)
+            elif known.error is not None and derived.error is None:
+                derived = derived.failed(known.error)  # an error in its history stays there
             self._derived[key] = (entry[0], derived)
             return
         ref = _StorageRef(storage, self._forget)
@@ -140,7 +151,7 @@ class Provenance:
 
     def mark_gradients(self, tensors: Iterable[torch.Tensor], derived: Derived) -> None:
         """After a backward pass over derived data: every gradient it may have written."""
-        grads = Derived(derived.sources, derived.steps + 1, "grad", (derived,))
+        grads = Derived(derived.sources, derived.steps + 1, "grad", (derived,), error=derived.error)
         for t in tensors:
             if t.requires_grad and (t.is_leaf or t.retains_grad) and t.grad is not None:
                 self.mark(t.grad, grads)

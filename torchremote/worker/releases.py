@@ -41,12 +41,23 @@ class ReleaseRequest:
     status: str = PENDING
     decided_by: str = ""
     note: str = ""                     # the owner's reason, for a denial
+    failure: str = ""                  # an op in its history failed (so): the owner's eyes only
     _tensor: Any = field(default=None, repr=False)       # the object, while it may be released
     _version: int | None = field(default=None, repr=False)  # its version when approved
 
-    def row(self) -> m.ReleaseInfo:
+    def row(self, for_owner: bool = False) -> m.ReleaseInfo:
+        """The request as its client sees it, or (`for_owner`) as the owner does, failure included."""
         return m.ReleaseInfo(self.id, self.client, self.object, self.reason, self.shape, self.dtype,
-                             self.numel, self.lineage, self.steps, self.status, self.decided_by, self.note)
+                             self.numel, self.lineage, self.steps, self.status, self.decided_by, self.note,
+                             self.failure if for_owner else "")
+
+
+class ReleasedFailure(Exception):
+    """An approved release of a value whose history holds a failed op: the client gets the error."""
+
+    def __init__(self, info: m.ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
 
 
 Rule = Callable[[ReleaseRequest], bool]
@@ -75,9 +86,11 @@ class ReleaseDesk:
                     request.reason = f"{request.reason}; {reason}" if request.reason else reason
                     self.log.info("release request #%d: %s says why: %s", request.id, client, reason)
                 return request
+            error = derived.error
             request = ReleaseRequest(next(self._ids), client, object_id(ref), reason, tuple(tensor.shape),
                                      tensor.dtype, tensor.numel(), derived.lineage, tuple(sorted(derived.sources)),
-                                     derived.steps, _tensor=tensor)
+                                     derived.steps, _tensor=tensor,
+                                     failure=f"{error.op}: {error.type}: {error.message}" if error else "")
             self._requests[request.id] = request
             self._open[(client, ref)] = request.id
             rules = list(self._rules)
@@ -87,9 +100,10 @@ class ReleaseDesk:
                 break
         # a request the owner must answer is a warning: his terminal shows it
         self.log.log(logging.WARNING if request.status == PENDING else logging.INFO,
-                     "release request #%d from %s: %s %s %s (%s)%s: %s", request.id, client, request.object,
+                     "release request #%d from %s: %s %s %s (%s)%s%s: %s", request.id, client, request.object,
                      list(request.shape), request.dtype, request.lineage, f", because: {reason}" if reason else "",
-                     request.status)
+                     f"; an op in its history failed, the client was not told: {request.failure}"
+                     if request.failure else "", request.status)
         return request
 
     def _applies(self, rule: Rule, request: ReleaseRequest) -> bool:
@@ -117,6 +131,9 @@ class ReleaseDesk:
                     request.status = RELEASED
                     self._close(request)
                     self.log.info("release request #%d: %s received %s", request.id, client, request.object)
+                for (_, _, derived), request in zip(objects, approved):
+                    if derived.error is not None:  # what it would release is the error, not a value
+                        raise ReleasedFailure(_as_released(derived.error, request.id))
                 return
         request = waiting[0]
         state = "is pending" if request.status == PENDING else f"was {request.status}"
@@ -201,3 +218,8 @@ class ReleaseDesk:
         for key, request_id in list(self._open.items()):
             if request_id == request.id:
                 del self._open[key]
+
+
+def _as_released(error: m.ErrorInfo, request_id: int) -> m.ErrorInfo:
+    return m.ErrorInfo(error.type, f"{error.message} [{error.op} failed on data derived from private data; "
+                       f"the error is released with the owner's approval of request #{request_id}]", error.op)
