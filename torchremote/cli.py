@@ -99,8 +99,9 @@ def _requests(args: argparse.Namespace) -> int:
     def show(w) -> None:
         rows = [(str(r.id), r.client, r.object, str(list(r.shape)), str(r.dtype).removeprefix("torch."),
                  r.lineage, str(r.steps), r.status + (f" by {r.decided_by}" if r.decided_by else ""),
-                 r.reason) for r in w.requests()]
-        print(_table(("id", "client", "object", "shape", "dtype", "lineage", "steps", "status", "reason"), rows))
+                 r.reason, r.failure) for r in w.requests()]
+        print(_table(("id", "client", "object", "shape", "dtype", "lineage", "steps", "status", "reason",
+                      "failed (kept from the client)"), rows))
     return _as_owner(args, show)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 import pytest
@@ -58,13 +59,26 @@ def test_an_error_meta_cannot_see_surfaces_at_the_next_sync_and_poisons_dependen
     x = torch.ones(3).send(bob)
     bad = x[torch.tensor([10])]  # meta infers the shape; only the worker knows 10 is out of range
     assert bad.shape == (1,)
+    line = sys._getframe().f_lineno - 2
     good = x * 2
     with pytest.raises(IndexError) as info:
-        good.get()  # first sync point after the failure
-    assert any("earlier asynchronous op" in n for n in info.value.__notes__)
+        good.get()  # first sync point after the failure, of an unrelated tensor: it names the call
+    (note,) = [n for n in info.value.__notes__ if "belongs to an earlier call" in n]
+    assert f"torch.Tensor.__getitem__ (asynchronous op #" in note and f"test_errors.py:{line}, in test_" in note
     assert good.get().equal(torch.full((3,), 2.))  # reported once; unrelated results are fine
     with pytest.raises(IndexError):
         (bad + 1).get()  # anything computed from the failed op fails with its error
+
+
+def test_an_asynchronous_error_inside_a_layer_names_the_users_line(bob):
+    layer = tr.send(torch.nn.Embedding(3, 2), bob)
+    looked_up = layer(torch.tensor([7]).send(bob)); line = sys._getframe().f_lineno  # noqa: E702
+    with pytest.raises(IndexError) as info:
+        (torch.ones(2).send(bob) + 1).get()  # unrelated
+    (note,) = [n for n in info.value.__notes__ if "belongs to an earlier call" in n]
+    assert "torch.nn.functional.embedding" in note and f"test_errors.py:{line}, in test_an_async" in note
+    with pytest.raises(IndexError):
+        looked_up.get()
 
 
 def test_unknown_op_is_refused_and_the_connection_stays_usable(bob):

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchremote as tr
+from torchremote.client.dispatch import queue
 from torchremote.wire import messages as m
 
 from conftest import ROOT
@@ -151,6 +152,7 @@ PROBES = {
     "_assert_async": lambda x, w, t: torch._assert_async(x[0] > t),
     "gather out of range": lambda x, w, t: torch.arange(3.0).send(w).gather(0, (x[:1] > t).long() * 10),
     "a poisoned chain": lambda x, w, t: (torch.arange(3.0).send(w)[(x[:1] > t).long() * 10] + 1).exp(),
+    "an in-place op": lambda x, w, t: torch.zeros(3).send(w).index_fill_(0, (x[:1] > t).long() * 10, 1.0),
     "a failing backward": lambda x, w, t: (
         torch.ones(1).send(w).requires_grad_().mul(torch.ones(3).send(w)[(x[:1] > t).long() * 10]).sum().backward()),
 }
@@ -353,3 +355,11 @@ def test_a_value_reading_two_private_inputs_needs_both_approved(alice, bob):
     error = refused(lambda: torch.equal(a, b))
     assert "mul(#Y)" in str(error)
     assert [r.status for r in bob.requests()] == ["approved", "pending"]
+
+
+def test_a_failure_that_knows_no_values_is_reported_as_on_open_data(alice):
+    x, _, _ = private(alice)
+    queue(torch.Tensor.matmul, (x, torch.ones(2, 2).send(alice)), {})  # raw: the client would refuse it
+    with pytest.raises(RuntimeError, match=r"same reduction dim, but got \[1, 4\] X \[2, 2\]"):
+        alice.sync()  # a fake run fails alike: the error knows no values, and is told
+    assert (x.sum() * 0).shape == ()

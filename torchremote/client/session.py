@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import ssl as ssl_module
+import sys
 import threading
 import time
 import weakref
@@ -36,6 +37,7 @@ from .progress import transfer_bar
 MAX_QUEUED_COMMANDS = 1024   # past this, the caller sends the batch itself (back-pressure)
 FRAME_OVERHEAD = 64 * 1024   # room left in a frame for the header beside tensor bytes
 APPROVAL_POLL_S = (0.05, 1.0)  # get(timeout=) asks how a release request stands this often: first, most
+CALL_SITES = 4096  # the call sites of this many recent asynchronous ops are kept, for their errors
 WAIT_FOR_ACK_BYTES = 1 << 20  # a put this large waits for the worker to run it, instead of a copy
 
 _open_sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
@@ -73,6 +75,7 @@ class Session:
         self._grads_to_reset: list = []  # pointers whose `.grad = None` is sent as one op before the next
         self._pending: dict[int, Future] = {}
         self._deferred: list[m.Failure] = []
+        self._call_sites: list = [None] * CALL_SITES  # op_id % CALL_SITES -> (op_id, code, line)
         self._closed: WorkerConnectionError | None = None
         self._open = lambda: open_client(url, timeout=timeout, ssl=ssl, max_size=max_message_bytes)
         ws = open_connection(url, timeout=timeout, retry_for=retry_for, ssl=ssl, max_size=max_message_bytes)
@@ -241,15 +244,19 @@ class Session:
         return ref
 
     def _call(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> int:
+        """Queue an asynchronous op; its error, if the worker meets one, is raised at the next
+        synchronisation, naming the op and the line that called it (`_call_site`)."""
         if nbytes:
             self._check_size(nbytes, op)
             self._make_room(nbytes)
+        site = _call_site()
         with self._lock:
             self._check_open()
             self._queue_grad_resets()
             op_id = self._protocol.call(op, args, kwargs, reply=False, grad_enabled=torch.is_grad_enabled(),
                                         autocast=autocast_dtype(), nbytes=nbytes)
             full = self._protocol.pending_commands >= MAX_QUEUED_COMMANDS
+        self._call_sites[op_id % CALL_SITES] = (op_id, site.f_code, site.f_lineno)
         if full:
             self._flush()  # back-pressure: the caller sends the batch itself
         else:
@@ -340,10 +347,22 @@ class Session:
         if self._deferred:
             first, self._deferred = self._deferred[0], []
             exc = from_info(first.error, self.id)
-            exc.add_note(f"an earlier asynchronous op (#{first.op_id}) failed; this is the first "
-                         f"synchronisation since ({what}), and that op's results are invalid")
+            exc.add_note(f"this error belongs to an earlier call: {self._describe_async(first)}; it failed on the "
+                         f"worker after that call had returned. This is the first synchronisation since ({what}); "
+                         f"that op's results are invalid")
             raise exc
         return value
+
+    def _describe_async(self, failure: m.Failure) -> str:
+        """'torch.gather (asynchronous op #12) at train.py:31, in step', as far as it is known."""
+        what = failure.error.op or "an asynchronous op"
+        if failure.op_id is None:
+            return what
+        what += f" (asynchronous op #{failure.op_id})"
+        site = self._call_sites[failure.op_id % CALL_SITES]
+        if site is not None and site[0] == failure.op_id:
+            what += f" at {site[1].co_filename}:{site[2]}, in {site[1].co_name}"
+        return what
 
     def _send_and_wait(self) -> None:
         """Send what is queued, uncopied, and wait until the worker has run it. For puts of large
@@ -452,6 +471,22 @@ class ReleaseHandle:
 
     def __repr__(self) -> str:
         return f"ReleaseHandle(id={self.id}, object={self._info.object}, lineage={self._info.lineage!r}, status={self.status!r})"
+
+
+_INTERNAL = ("torch", "torchremote")
+
+
+def _call_site() -> Any:
+    """The frame of the code that called the torch op being queued: the first outside torch and
+    torchremote (reached from Session._call through dispatch and the tensor's __torch_function__;
+    for a layer of torch.nn's, the user's line that called the layer)."""
+    try:
+        frame = sys._getframe(5)
+    except ValueError:
+        frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _INTERNAL:
+        frame = frame.f_back
+    return frame
 
 
 def send_to_worker(url: str, token: str | None, name: str, tensor: torch.Tensor, ticket: str) -> None:

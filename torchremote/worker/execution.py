@@ -356,13 +356,17 @@ class Session:
                      autocast: torch.dtype | None, derived: Derived, info: m.ErrorInfo,
                      inputs: list[torch.Tensor], out: list) -> bool:
         """An op on private-derived data failed: let it fail unseen (`failures.py`), its outputs
-        stand-ins that carry the error. False where no stand-ins can be made (a fake run fails too:
-        then the failure does not depend on the values, and is reported as any other)."""
+        stand-ins that carry the error. Where a fake run fails too, that error knows no values: it
+        is reported, with its own message. False where that fake run cannot tell at all."""
         outcome = failures.backward_outcome(op, args, kwargs) if op in BACKWARD_OPS else \
             failures.stand_in_outcome(func, args, kwargs, grad_enabled,
                                       None if autocast is None else (self.device.type, autocast))
-        if outcome is None:
-            return False
+        if isinstance(outcome, Exception):
+            if not failures.knows_no_values(outcome):
+                return False
+            self.failed[op_id] = failure = to_info(outcome, op=op)
+            out.append(m.Failure(None, op_id, failure))
+            return True
         try:
             self._check_room(outcome.outputs, op)
         except WorkerPermissionError as e:  # the stand-ins' sizes are the op's, whatever the values

@@ -15,10 +15,13 @@ inputs that do, with zero gradients, so a backward pass reaches the same leaves 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import logging
+from typing import Any, Callable, Iterator
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                           FakeTensorMode, UnsupportedOperatorException)
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -33,9 +36,9 @@ class Outcome:
 
 
 def stand_in_outcome(func: Callable, args: tuple, kwargs: dict, grad_enabled: bool,
-                     autocast: tuple[str, torch.dtype] | None) -> Outcome | None:
-    """The outcome of `func(*args, **kwargs)` as a fake run sees it, made of real tensors; None
-    if the fake run fails too (then the failure does not depend on the values)."""
+                     autocast: tuple[str, torch.dtype] | None) -> Outcome | Exception:
+    """The outcome of `func(*args, **kwargs)` as a fake run sees it, made of real tensors; or the
+    fake run's own error, if it fails too (one that knows no values, so it can be told)."""
     mode = FakeTensorMode()
     real_of: dict[int, torch.Tensor] = {}
     fakes: list[torch.Tensor] = []
@@ -52,14 +55,14 @@ def stand_in_outcome(func: Callable, args: tuple, kwargs: dict, grad_enabled: bo
     try:
         fake_args, fake_kwargs = tree_map(fake, args), tree_map(fake, kwargs)
         versions = [f._version for f in fakes]
-        with mode, torch.set_grad_enabled(grad_enabled):
+        with _quiet_fake_errors(), mode, torch.set_grad_enabled(grad_enabled):
             if autocast is not None:
                 with torch.autocast(*autocast):
                     result = func(*fake_args, **fake_kwargs)
             else:
                 result = func(*fake_args, **fake_kwargs)
-    except Exception:
-        return None
+    except Exception as e:
+        return e
     written = [real_of[id(f)] for f, version in zip(fakes, versions) if f._version != version]
     storages = {StorageWeakRef(f.untyped_storage()): real_of[id(f)] for f in fakes}
     differentiable = [real_of[id(f)] for f in fakes if f.requires_grad and f.dtype.is_floating_point]
@@ -75,6 +78,14 @@ def stand_in_outcome(func: Callable, args: tuple, kwargs: dict, grad_enabled: bo
                     else _zeros_like(leaf, differentiable, grad_enabled))
         outputs.append(real)
     return Outcome(outputs, written)
+
+
+def knows_no_values(fake_error: Exception) -> bool:
+    """Whether a fake run's error says something of the op and its metadata only, not of the fake
+    run's own limits (no fake kernel, an output shape that depends on the data), which a real run
+    on some values passes."""
+    return not isinstance(fake_error, (DataDependentOutputException, DynamicOutputShapeException,
+                                       UnsupportedOperatorException, NotImplementedError))
 
 
 def backward_outcome(op: str, args: tuple, kwargs: dict) -> Outcome:
@@ -111,3 +122,16 @@ def _zeros_like(fake: torch.Tensor, differentiable: list[torch.Tensor], grad_ena
         return zeros.requires_grad_()
     with torch.set_grad_enabled(grad_enabled):
         return zeros + sum(t.sum() for t in differentiable) * 0
+
+
+@contextlib.contextmanager
+def _quiet_fake_errors() -> Iterator[None]:
+    """A fake run that fails is an answer here, not a fault: torch's log of it stays out of the
+    owner's terminal."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
