@@ -79,7 +79,7 @@ def test_a_deferred_error_surfaces_at_the_next_sync_and_names_the_op(bob):
     with pytest.raises(IndexError) as info:
         bob.sync()
     notes = "\n".join(info.value.__notes__)
-    assert "torch.Tensor.__getitem__" in notes and "earlier asynchronous op" in notes
+    assert "torch.Tensor.__getitem__ (asynchronous op #" in notes and "belongs to an earlier call" in notes
     bob.sync()  # reported once
     assert (x + 1).get().equal(torch.full((3,), 2.))
 
