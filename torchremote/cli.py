@@ -51,7 +51,8 @@ def _worker(args: argparse.Namespace) -> int:
                               device=args.device, insecure=args.insecure, verbose=args.verbose,
                               log_file=args.log_file, certfile=args.certfile, keyfile=args.keyfile,
                               max_message_bytes=args.max_message_bytes, max_clients=args.max_clients,
-                              max_client_bytes=args.max_client_bytes, allow_code=args.allow_code,
+                              max_client_bytes=args.max_client_bytes, max_memory=args.max_memory,
+                              max_gpu_memory=args.max_gpu_memory, allow_code=args.allow_code,
                               resume_grace=args.resume_grace)
     except (TorchRemoteError, OSError, ValueError) as e:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
@@ -64,8 +65,8 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
         return 1
     print(server.url, flush=True)
-    print(f"torchremote: worker {server.id!r} at {server.url}; each client may hold up to "
-          f"{describe_bytes(server.max_client_bytes)} (--max-client-bytes)"
+    print(f"torchremote: worker {server.id!r} at {server.url}; memory budget: {server.describe_budget()} "
+          f"(--max-memory); each client may hold up to {describe_bytes(server.max_client_bytes)} (--max-client-bytes)"
           + (f"; published {len(published)} tensor(s) from {len(files)} file(s)" if files else ""),
           file=sys.stderr, flush=True)
     server.serve_forever()
@@ -74,9 +75,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _ls(args: argparse.Namespace) -> int:
     try:
-        with connect(args.url, token=_read_token(args.token_file), name="ls", timeout=args.timeout) as w:
+        token = (_read_token(args.owner_token_file, env=False) if args.owner_token_file
+                 else _read_token(args.token_file))
+        with connect(args.url, token=token, name="ls", timeout=args.timeout) as w:
             print(f"worker {w.id!r} at {w.url}")
             print(w.objects())
+            print(w.memory())
     except (TorchRemoteError, OSError) as e:
         print(f"torchremote: {e}", file=sys.stderr)
         return 1
@@ -132,9 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--keyfile", help="the certificate's private key, if not in --certfile")
     w.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest message a client may send (default: %(default)s)")
-    w.add_argument("--max-client-bytes", type=int, default=None,
-                   help="most tensor memory one client may hold on this worker; 0 for no limit "
-                        "(default: half of this machine's memory)")
+    w.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="the memory budget of the whole worker: bytes, 512MiB, 8GiB or 80%% of this machine's; "
+                        "0 for no limit (default: 80%%)")
+    w.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="on a CUDA worker, the budget of device memory, as --max-memory (default: 80%% of the device)")
+    w.add_argument("--max-client-bytes", default=None, metavar="SIZE",
+                   help="most memory one client may hold, as --max-memory (a share: of the budget); "
+                        "0 for no limit (default: half of the budget)")
     w.add_argument("--max-clients", type=int, default=None,
                    help="most clients served at once; past it, new ones are refused (default: no limit)")
     w.add_argument("--resume-grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
@@ -165,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--owner-token-file", help="file holding the owner's token, which lists, approves and "
                                               "denies release requests (`torchremote requests/approve/deny`)")
     w.set_defaults(run=_worker)
-    ls = commands.add_parser("ls", help="print a worker's registry: published data, with tags")
+    ls = commands.add_parser("ls", help="print a worker's registry (published data, with tags) and its memory")
     ls.add_argument("url", help="the worker's URL, ws://HOST:PORT or wss://...")
     ls.add_argument("--token-file", help="file holding the worker's token (default: $TORCHREMOTE_TOKEN)")
+    ls.add_argument("--owner-token-file", help="the owner token instead: memory is listed for every client")
     ls.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the worker")
     ls.set_defaults(run=_ls)
     for name, what in (("requests", "list a worker's release requests"), ("approve", "approve a release request"),

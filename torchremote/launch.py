@@ -18,8 +18,9 @@ _started: "weakref.WeakSet[WorkerServer]" = weakref.WeakSet()
 def start_worker(id: str = "worker", host: str = "127.0.0.1", port: int = 0, **options: Any) -> WorkerServer:
     """Start a worker serving from a background thread; returns at once. Port 0 picks a free port.
 
-    Options are `WorkerServer`'s: token, owner_token, device, max_message_bytes, max_client_bytes,
-    max_clients, resume_grace, certfile, keyfile, allow_code, insecure, verbose, log_file."""
+    Options are `WorkerServer`'s: token, owner_token, device, max_memory, max_gpu_memory,
+    max_message_bytes, max_client_bytes, max_clients, resume_grace, certfile, keyfile, allow_code,
+    insecure, verbose, log_file."""
     options.setdefault("send_to_worker", send_to_worker)
     server = WorkerServer(id, host, port, **options)
     _started.add(server)

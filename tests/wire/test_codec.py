@@ -150,7 +150,7 @@ def test_header_cannot_claim_memory_it_did_not_send():
 
 def test_messages_of_the_wrong_shape_are_protocol_errors():
     enc = wire._Encoder()
-    bad_call = msgpack.ExtType(14, enc.pack([wire._STRUCT_CODE[m.Call], "not-an-int", "op", (), {}, True, True, None]))
+    bad_call = msgpack.ExtType(14, enc.pack([wire._STRUCT_CODE[m.Call], "not-an-int", "op", (), {}, True, True, None, 0]))
     body = msgpack.packb([bad_call])
     table = msgpack.packb([])
     with pytest.raises(ProtocolError, match="Call.op_id"):

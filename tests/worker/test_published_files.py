@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import torchremote as tr
 from torchremote.worker.published_files import PublishFileError
-from torchremote.worker.server import default_max_client_bytes
+from torchremote.worker import budget
 
 from conftest import ROOT
 
@@ -100,10 +100,10 @@ def test_the_worker_does_not_start_half_configured(tmp_path, model_file, make_ba
 
 
 def test_each_client_has_a_memory_limit_by_default_and_it_is_printed(worker_process):
-    assert default_max_client_bytes() > 0
     server = tr.start_worker(id="defaults")
-    try:
-        assert server.max_client_bytes == default_max_client_bytes()
+    try:  # the worker's budget: 80% of the machine's memory; a client's: half of that
+        assert server.budget.host.limit == int(budget.physical_memory() * 0.8)
+        assert server.max_client_bytes == int(server.budget.host.limit * 0.5)
     finally:
         server.stop()
     unlimited = tr.start_worker(id="unlimited", max_client_bytes=0)
@@ -114,7 +114,7 @@ def test_each_client_has_a_memory_limit_by_default_and_it_is_printed(worker_proc
     proc = start_cli_worker("--max-client-bytes", "4096")
     try:
         assert proc.stdout.readline().startswith("ws://")
-        assert "each client may hold up to 4096 bytes" in proc.stderr.readline()
+        assert "each client may hold up to 4.0 KiB" in proc.stderr.readline()
     finally:
         proc.kill()
         proc.communicate()

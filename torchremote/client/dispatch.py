@@ -294,7 +294,7 @@ def _call(worker: "Session", func: Callable, name: str, flat: list, spec: Any, k
             _check_writable(name, worker, flat[out.payload])
     wire_flat, nbytes = _to_wire(flat)
     wire_args, wire_kwargs = _unflatten(wire_flat, spec)
-    op_id = worker._call(name, wire_args, wire_kwargs, nbytes)
+    op_id = worker._call(name, wire_args, wire_kwargs, nbytes, plan.new_bytes)
     metas = plan.metas
     results, k = [], 0
     for position, out in enumerate(outs):

@@ -19,6 +19,7 @@ the outputs' dtypes from there. Plans are cached per autocast dtype.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -56,13 +57,16 @@ class Plan:
     and for an uncached run the meta tensors it produced (`metas`, views still aliasing the inputs'
     stand-ins)."""
 
-    __slots__ = ("spec", "outs", "metas", "records_grad")
+    __slots__ = ("spec", "outs", "metas", "records_grad", "new_bytes")
 
     def __init__(self, spec: Any, outs: list[Out], metas: list | None = None) -> None:
         self.spec = spec
         self.outs = outs
         self.metas = metas
         self.records_grad = any(o.grad is not None for o in outs)
+        # the memory its new outputs take on the worker (views take none): checked there before it runs
+        self.new_bytes = sum(math.prod(o.payload.shape) * o.payload.dtype.itemsize for o in outs
+                             if o.kind == NEW and o.view_of is None)
 
 
 SYNC = object()  # cached for a call that must synchronise

@@ -127,6 +127,11 @@ class Session:
         """What this client may see on the worker: published data and its own objects."""
         return ObjectTable(self._request(m.ListObjects))
 
+    def memory(self) -> m.MemoryInfo:
+        """How the worker's memory budget stands, and what this client holds there (with the
+        owner token: what every client holds)."""
+        return self._request(m.MemoryReport)
+
     def manual_seed(self, seed: int) -> None:
         """Seed the worker's random number generator."""
         self._request(m.ManualSeed, int(seed))
@@ -220,9 +225,20 @@ class Session:
             out.append((meta, ref))
         if small >= WAIT_FOR_ACK_BYTES:
             self._send_and_wait()
+            self._raise_refused([ref.op_id for _, ref in out])  # it waited anyway: say so here
         else:
             self._flush()
         return out
+
+    def _raise_refused(self, op_ids: list[int]) -> None:
+        """Raise, at the call that asked, a failure the worker has reported for one of these ops
+        (a send refused for want of memory, say)."""
+        wanted = set(op_ids)
+        with self._lock:
+            mine = [f for f in self._deferred if f.op_id in wanted]
+            self._deferred = [f for f in self._deferred if f.op_id not in wanted]
+        if mine:
+            raise from_info(mine[0].error, self.id)
 
     def _put_chunked(self, tensor: torch.Tensor, device: str) -> m.ClientRef:
         """A large tensor, one chunk per message: neither side ever holds a second full copy."""
@@ -230,7 +246,8 @@ class Session:
         with self._lock:
             self._queue_grad_resets()
             ref = self._protocol.put_begin(header, tensor.requires_grad, device)
-        self._flush()
+        self._send_and_wait()  # one round trip: a send the worker has no room for streams nothing
+        self._raise_refused([ref.op_id])
         bar = transfer_bar(header.nbytes, f"send to {self.id}")
         try:
             for offset, data in chunks:
@@ -243,7 +260,7 @@ class Session:
             bar.close()
         return ref
 
-    def _call(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0) -> int:
+    def _call(self, op: str, args: tuple, kwargs: dict, nbytes: int = 0, out_bytes: int = 0) -> int:
         """Queue an asynchronous op; its error, if the worker meets one, is raised at the next
         synchronisation, naming the op and the line that called it (`_call_site`)."""
         if nbytes:
@@ -254,7 +271,7 @@ class Session:
             self._check_open()
             self._queue_grad_resets()
             op_id = self._protocol.call(op, args, kwargs, reply=False, grad_enabled=torch.is_grad_enabled(),
-                                        autocast=autocast_dtype(), nbytes=nbytes)
+                                        autocast=autocast_dtype(), nbytes=nbytes, out_bytes=out_bytes)
             full = self._protocol.pending_commands >= MAX_QUEUED_COMMANDS
         self._call_sites[op_id % CALL_SITES] = (op_id, site.f_code, site.f_lineno)
         if full:
@@ -400,7 +417,7 @@ class Session:
             items = self._protocol.take()
             if not items:
                 return
-            ack = connection.take_ack()
+            ack = None if type(items[0]) is m.Chunk else connection.take_ack()  # a chunk goes alone: read into place
             if ack is not None:
                 items.insert(0, m.Ack(ack))
             connection.send_lock.acquire()  # taken in the order frames were taken: they leave in order

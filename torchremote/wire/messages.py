@@ -199,7 +199,9 @@ class Call:
 
     With `reply` the worker answers a `Reply(op_id, value)` whose tensors are `TensorMeta`/`SameAs`.
     `autocast`: the dtype of the client's `torch.autocast` region for the remote device, which the
-    worker applies with its own device's rules; None outside one.
+    worker applies with its own device's rules; None outside one. `out_bytes`: the memory its new
+    outputs take, as the client's plan says (the worker refuses it before running when there is no
+    room, and checks the real outputs after).
     """
     op_id: int
     op: str
@@ -208,6 +210,7 @@ class Call:
     reply: bool = False
     grad_enabled: bool = True
     autocast: torch.dtype | None = None
+    out_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +235,39 @@ class Search:
 @dataclass(frozen=True, slots=True)
 class ListObjects:
     req_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryReport:
+    """Ask how the worker's memory budget stands (answered with a `MemoryInfo`)."""
+    req_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryInfo:
+    """The worker's memory: per pool (host memory, a GPU's) the bytes in use and the budget (0:
+    none); per client, the bytes it holds (a client sees itself only, the owner every client)."""
+    pools: tuple[str, ...]
+    used: tuple[int, ...]
+    limits: tuple[int, ...]
+    clients: tuple[str, ...]
+    held: tuple[int, ...]
+    client_limit: int = 0
+
+    def held_by(self, client: str) -> int:
+        return dict(zip(self.clients, self.held)).get(client, 0)
+
+    def __str__(self) -> str:
+        def size(n: int) -> str:
+            for unit, one in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+                if n >= one:
+                    return f"{n / one:.1f} {unit}"
+            return f"{n} B"
+        lines = [f"{name}: {size(used)} in use of {size(limit) if limit else 'no limit'}"
+                 for name, used, limit in zip(self.pools, self.used, self.limits)]
+        lines += [f"  {client}: {size(held)}" + (f" of {size(self.client_limit)} per client" if self.client_limit else "")
+                  for client, held in zip(self.clients, self.held)]
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,11 +392,12 @@ class Failure:
     error: ErrorInfo
 
 
-# Wire codes: append only, never reuse a number.
+# Wire codes: append only (a type added to the messages moves the values' codes: bump PROTOCOL_VERSION).
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
     PutBegin, Chunk, Run, Expect, Push, Handover, Ack, RequestRelease, ReleaseStatus, ListReleases, Decide,
+    MemoryReport,
 )
 VALUE_TYPES: tuple[type, ...] = (
-    TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor, ReleaseInfo,
+    TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor, ReleaseInfo, MemoryInfo,
 )

@@ -72,8 +72,10 @@ def name_of(func: Callable) -> str | None:
 
 
 def short_name(op: str) -> str:
-    """'torch.Tensor.add' -> 'add'; an ATen overload ('..._foreach_add_.List') -> its op's name."""
+    """'torch.Tensor.add' -> 'add'; an ATen overload ('aten.empty.memory_format') -> its op's name."""
     parts = op.split(".")
+    if len(parts) == 3 and parts[0] in _ATEN_NAMESPACES:
+        return parts[1]
     if len(parts) > 1 and (parts[-1][:1].isupper() or parts[-1] == "default"):
         return parts[-2]
     return parts[-1]

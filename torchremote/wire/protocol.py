@@ -79,10 +79,11 @@ class ClientProtocol:
         self._queue(m.Chunk(op_id, offset, data), data.numel())
 
     def call(self, op: str, args: tuple, kwargs: dict, *, reply: bool, grad_enabled: bool,
-             autocast: torch.dtype | None = None, nbytes: int = 0) -> int:
-        """Queue op `op` (with `nbytes` of local tensors); returns its id. Output k is `ClientRef(id, k)`."""
+             autocast: torch.dtype | None = None, nbytes: int = 0, out_bytes: int = 0) -> int:
+        """Queue op `op` (with `nbytes` of local tensors; `out_bytes`, what its new outputs take);
+        returns its id. Output k is `ClientRef(id, k)`."""
         op_id = self.next_id()
-        self._queue(m.Call(op_id, op, args, kwargs, reply, grad_enabled, autocast), nbytes)
+        self._queue(m.Call(op_id, op, args, kwargs, reply, grad_enabled, autocast, out_bytes), nbytes)
         return op_id
 
     def run(self, code: bytes, args: tuple, kwargs: dict, *, grad_enabled: bool,
@@ -204,7 +205,7 @@ class ServerProtocol:
 
     _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync,
                  m.PutBegin, m.Chunk, m.Run, m.Expect, m.Push, m.Handover, m.Ack, m.RequestRelease,
-                 m.ReleaseStatus, m.ListReleases, m.Decide)
+                 m.ReleaseStatus, m.ListReleases, m.Decide, m.MemoryReport)
 
     def receive_hello(self, data: bytes) -> m.Hello:
         items = codec.decode(data)

@@ -8,15 +8,19 @@ raises on a full device. What a client holds is also capped per client (`--max-c
 a share within the budget.
 
 What is not counted: memory an op uses while it runs (workspaces, temporaries), and what autograd
-keeps for a backward pass that the objects do not hold themselves. `headroom` leaves room for it.
+keeps for a backward pass that the objects do not hold themselves. The default budget, 80% of
+the machine's memory, leaves the rest for them and for the process itself.
 """
 from __future__ import annotations
 
 import os
 import re
 import threading
+from typing import Any
 
 import torch
+
+from ..wire import messages as m
 
 DEFAULT_SHARE = 0.8        # of physical memory (host), or of the device's memory (GPU)
 DEFAULT_CLIENT_SHARE = 0.5  # of the budget, per client
@@ -80,6 +84,7 @@ class MemoryBudget:
     def __init__(self, host_limit: int | None, device: torch.device, device_limit: int | None = None) -> None:
         self.host = Pool("memory", "--max-memory", host_limit)
         self.gpu = Pool(f"{device} memory", "--max-gpu-memory", device_limit) if device.type == "cuda" else None
+        self.holders: dict[str, Any] = {}  # client id -> its session (what it holds: `held_bytes`)
 
     def pool(self, storage: torch.UntypedStorage) -> Pool:
         return self.gpu if self.gpu is not None and storage.device.type == "cuda" else self.host
@@ -107,3 +112,10 @@ class MemoryBudget:
     def rows(self) -> list[tuple[str, int, int | None]]:
         """(pool, bytes in use, budget) for each pool."""
         return [(p.name, p.used, p.limit) for p in (self.host, self.gpu) if p is not None]
+
+    def report(self, clients: list[str], client_limit: int | None) -> m.MemoryInfo:
+        rows = self.rows()
+        holders = dict(self.holders)
+        return m.MemoryInfo(tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] or 0 for r in rows),
+                            tuple(clients), tuple(holders[c].held_bytes if c in holders else 0 for c in clients),
+                            client_limit or 0)

@@ -19,6 +19,7 @@ from ..wire.errors import WorkerPermissionError, to_info
 from ..wire.messages import REMOTE_DEVICE_TYPE as _REMOTE, object_id
 from .provenance import BACKWARD_OPS, Derived, Provenance
 from . import failures
+from .budget import MemoryBudget, Pool, describe
 from .read_only import ReadOnlyGuard, own_alias, touches
 from .releases import ReleaseDesk, ReleasedFailure
 from .store import ObjectStore
@@ -47,8 +48,8 @@ class Session:
 
     def __init__(self, store: ObjectStore, client_id: str, *, device: torch.device | str = "cpu",
                  peer: str = "", log: logging.Logger | None = None,
-                 max_client_bytes: int | None = None, allow_code: bool = False,
-                 releases: ReleaseDesk | None = None, is_owner: bool = False,
+                 max_client_bytes: int | None = None, budget: MemoryBudget | None = None,
+                 allow_code: bool = False, releases: ReleaseDesk | None = None, is_owner: bool = False,
                  send_to_worker: SendToWorker | None = None) -> None:
         self.store = store
         self.send_to_worker = send_to_worker
@@ -63,16 +64,21 @@ class Session:
         self.provenance = Provenance(store.no_get_storages)
         self.releases = releases if releases is not None else ReleaseDesk(self.log)
         self.is_owner = is_owner  # holds the owner token: may list and decide release requests
-        self.held_bytes = 0  # memory behind this client's objects, each storage counted once
-        self._storages: dict[int, list[int]] = {}  # storage -> [bytes, objects using it]
+        self.budget = budget if budget is not None else MemoryBudget(None, self.device)
+        # memory is counted where there is a limit to keep: the client's own, or the worker's
+        self._accounting = max_client_bytes is not None or any(limit for _, _, limit in self.budget.rows())
+        self.held_bytes = 0  # memory behind this client's objects (and its sends arriving), each storage once
+        self._storages: dict[int, list] = {}  # storage -> [bytes, objects using it, its budget pool]
         self._held_keys: dict[m.ClientRef, int] = {}  # object -> its storage, when accounted
+        self._reserved: dict[int, tuple[Pool, int]] = {}  # a chunked send arriving -> the room it holds
+        self.budget.holders[client_id] = self
         self._handlers: dict[type, Callable[[Any, list], None]] = {
             m.Put: self._put, m.Call: self._call, m.Fetch: self._fetch, m.Release: self._release,
             m.Search: self._search, m.ListObjects: self._list, m.ManualSeed: self._seed,
             m.Sync: self._sync, m.PutBegin: self._put_begin, m.Chunk: self._chunk, m.Run: self._run_code,
             m.Expect: self._expect, m.Push: self._push, m.Handover: self._handover,
             m.RequestRelease: self._request_release, m.ReleaseStatus: self._release_status,
-            m.ListReleases: self._list_releases, m.Decide: self._decide,
+            m.ListReleases: self._list_releases, m.Decide: self._decide, m.MemoryReport: self._memory,
         }
         self._incoming: dict[int, tuple[codec.Assembly, bool, str]] = {}
         self._aliases: dict[int, torch.Tensor] = {}  # published object -> this session's alias of it
@@ -96,9 +102,14 @@ class Session:
     def close(self) -> int:
         self.releases.forget_client(self.client_id)
         self._incoming.clear()
+        for send_id in list(self._reserved):
+            self._unreserve(send_id)
+        for nbytes, _, pool in self._storages.values():
+            self.budget.credit(pool, nbytes)
         self._storages.clear()
         self._held_keys.clear()
         self.held_bytes = 0
+        self.budget.holders.pop(self.client_id, None)
         return self.store.close_namespace(self.client_id)
 
     def _allow_release(self, objects: Iterable[tuple[m.Ref, torch.Tensor]], what: str) -> None:
@@ -115,32 +126,59 @@ class Session:
             except ReleasedFailure as failure:  # what the owner let go is an op's error
                 raise _Poisoned(failure.info) from None
 
-    # --- what this client holds ---
-    def _new_bytes(self, tensors: list[torch.Tensor]) -> int:
-        seen, total = set(), 0
+    # --- what this client holds, within its own limit and the worker's budget (budget.py) ---
+    def _new_bytes(self, tensors: list[torch.Tensor]) -> dict[Pool, int]:
+        """The memory these tensors would add to what this client holds, by budget pool."""
+        seen: set[int] = set()
+        new: dict[Pool, int] = {}
         for t in tensors:
             storage = t.untyped_storage()
             key = storage.data_ptr()
             if key in self._storages or key in seen or key in self.store.published_storages:
                 continue
             seen.add(key)
-            total += storage.nbytes()
-        return total
+            pool = self.budget.pool(storage)
+            new[pool] = new.get(pool, 0) + storage.nbytes()
+        return new
 
     def _check_room(self, tensors: list[torch.Tensor], what: str) -> None:
-        if self.max_client_bytes is not None:
-            self._check_new_bytes(self._new_bytes(tensors), what)
+        if self._accounting:
+            self._check_pools(self._new_bytes(tensors), what)
 
-    def _check_new_bytes(self, new: int, what: str) -> None:
-        if self.max_client_bytes is not None and new and self.held_bytes + new > self.max_client_bytes:
-            raise WorkerPermissionError(
-                f"{what} would make this client hold {self.held_bytes + new} bytes on the worker, over "
-                f"its limit of {self.max_client_bytes} bytes (--max-client-bytes); free some pointers")
+    def _check_new_bytes(self, new: int, what: str, device: torch.device | str | None = None) -> None:
+        """Refuse, before anything is allocated, `new` bytes more on `device` (the worker's)."""
+        if self._accounting and new:
+            self._check_pools({self.budget.pool_for(device or self.device): new}, what)
+
+    def _check_pools(self, new: dict[Pool, int], what: str) -> None:
+        total = sum(new.values())
+        if self.max_client_bytes is not None and total and self.held_bytes + total > self.max_client_bytes:
+            raise torch.OutOfMemoryError(
+                f"{what} needs {describe(total)} more, which would make this client hold "
+                f"{describe(self.held_bytes + total)} on the worker, over its limit of "
+                f"{describe(self.max_client_bytes)} (--max-client-bytes): free some pointers (del x)")
+        for pool, n in new.items():
+            self.budget.check(pool, n, what, f"this client ({self.client_id})", self.held_bytes)
+
+    def _reserve(self, send_id: int, nbytes: int, device: torch.device | str) -> None:
+        """Room for a chunked send, held from its first message: its chunks arrive over time."""
+        self._check_new_bytes(nbytes, "this send", device)
+        if self._accounting:
+            pool = self.budget.pool_for(device)
+            self.budget.charge(pool, nbytes)
+            self.held_bytes += nbytes
+            self._reserved[send_id] = (pool, nbytes)
+
+    def _unreserve(self, send_id: int) -> None:
+        entry = self._reserved.pop(send_id, None)
+        if entry is not None:
+            self.budget.credit(*entry)
+            self.held_bytes -= entry[1]
 
     def _hold(self, ref: m.ClientRef, t: torch.Tensor) -> None:
         self._drop(ref)
         self.objects[ref] = t
-        if self.max_client_bytes is None:
+        if not self._accounting:
             return  # no limit: nothing to account (a storage lookup per op saved)
         storage = t.untyped_storage()
         key = storage.data_ptr()
@@ -149,12 +187,14 @@ class Session:
         self._held_keys[ref] = key  # so that dropping it needs no storage lookup
         entry = self._storages.get(key)
         if entry is None:
-            entry = self._storages[key] = [storage.nbytes(), 0]
+            pool = self.budget.pool(storage)
+            entry = self._storages[key] = [storage.nbytes(), 0, pool]
             self.held_bytes += entry[0]
+            self.budget.charge(pool, entry[0])
         entry[1] += 1
 
     def _drop(self, ref: m.ClientRef) -> None:
-        if self.objects.pop(ref, None) is None or self.max_client_bytes is None:
+        if self.objects.pop(ref, None) is None or not self._accounting:
             return
         key = self._held_keys.pop(ref, None)
         entry = self._storages.get(key) if key is not None else None
@@ -163,6 +203,7 @@ class Session:
             if entry[1] == 0:
                 del self._storages[key]
                 self.held_bytes -= entry[0]
+                self.budget.credit(entry[2], entry[0])
 
     # --- resolving references ---
     def _tensor(self, ref: m.Ref) -> torch.Tensor:
@@ -205,9 +246,10 @@ class Session:
     # --- commands ---
     def _put_begin(self, cmd: m.PutBegin, out: list) -> None:
         try:
-            self._check_new_bytes(cmd.header.nbytes, "send")
+            self._reserve(cmd.op_id, cmd.header.nbytes, cmd.device or self.device)
             self._incoming[cmd.op_id] = (codec.Assembly(cmd.header), cmd.requires_grad, cmd.device)
         except Exception as e:
+            self._unreserve(cmd.op_id)
             self._send_failed(cmd.op_id, e, out)
 
     def assembly(self, send_id: int) -> codec.Assembly | None:
@@ -227,15 +269,17 @@ class Session:
                 return
         except Exception as e:
             del self._incoming[cmd.id]
+            self._unreserve(cmd.id)
             self._send_failed(cmd.id, e, out)
             return
         del self._incoming[cmd.id]
+        self._unreserve(cmd.id)  # from here on held as the object it became
         self._store_sent(cmd.id, assembly.tensor(), device, requires_grad, out)
 
     def _put(self, cmd: m.Put, out: list) -> None:
         try:
-            self._check_room([cmd.tensor], "put")
-        except WorkerPermissionError as e:
+            self._check_room([cmd.tensor], "this send")
+        except torch.OutOfMemoryError as e:
             self._send_failed(cmd.op_id, e, out)
             return
         self._store_sent(cmd.op_id, cmd.tensor, cmd.device, cmd.requires_grad, out)
@@ -269,14 +313,15 @@ class Session:
 
     def _call(self, cmd: m.Call, out: list) -> None:
         self._execute(cmd.op_id, cmd.op, ops.resolve, cmd.args, cmd.kwargs,
-                      cmd.grad_enabled, cmd.autocast, reply=cmd.reply, out=out)
+                      cmd.grad_enabled, cmd.autocast, reply=cmd.reply, out=out, out_bytes=cmd.out_bytes)
 
     def _execute(self, op_id: int, op: str, load: Callable[[str], Callable], wire_args: tuple,
                  wire_kwargs: dict, grad_enabled: bool, autocast: torch.dtype | None, *, reply: bool,
-                 out: list) -> None:
+                 out: list, out_bytes: int = 0) -> None:
         """Run one op (or client function); its tensor outputs become `ClientRef(op_id, k)`.
         `load(op)` gives the callable; `autocast`, the dtype of the client's autocast region, applied
-        with this worker's device's rules."""
+        with this worker's device's rules; `out_bytes`, the memory the client's plan says its new
+        outputs take (refused before the op runs if there is no room; checked again after)."""
         refs: dict[int, m.Ref] = {}  # id(tensor) -> the reference it was named by
         inputs: dict[int, torch.Tensor] = {}  # ... -> the tensor, kept alive while the op runs
         req_id = op_id if reply else None
@@ -284,6 +329,8 @@ class Session:
         running = False  # inside the op itself: what fails there may depend on the values
         try:
             func = run = load(op)
+            if out_bytes:
+                self._check_new_bytes(out_bytes, f"{short_name(op)} (checked before it ran)")
             args = self._resolve(wire_args, refs, inputs)
             kwargs = self._resolve(wire_kwargs, refs, inputs) if wire_kwargs else wire_kwargs
             if self.provenance.watching:
@@ -319,7 +366,7 @@ class Session:
                         f"only (convert with .to_dense() on the worker first)")
                 if leaf._is_zerotensor():  # autograd's storage-less zeros: held as real ones
                     leaves[k] = torch.zeros_like(leaf)
-            self._check_room(leaves, op)
+            self._check_room(leaves, short_name(op))
             if derived is not None:
                 self._track(op, derived, leaves, tensors, versions, None if load is ops.resolve else result)
         except _Poisoned as p:  # reported where it happened; only answer if asked
@@ -328,7 +375,9 @@ class Session:
                 out.append(m.Failure(req_id, op_id, p.info))
             return
         except Exception as e:
-            tb = "" if isinstance(e, WorkerPermissionError) else traceback.format_exc(limit=-4)
+            if running and isinstance(e, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the device's own OOM: hand its cache back, serve on
+            tb = "" if isinstance(e, (WorkerPermissionError, torch.OutOfMemoryError)) else traceback.format_exc(limit=-4)
             info = to_info(e, op=op, tb=tb)
             if derived is not None and running and not isinstance(e, WorkerPermissionError):
                 if load is ops.resolve and not reply:  # reply: its inputs' release was approved
@@ -368,8 +417,8 @@ class Session:
             out.append(m.Failure(None, op_id, failure))
             return True
         try:
-            self._check_room(outcome.outputs, op)
-        except WorkerPermissionError as e:  # the stand-ins' sizes are the op's, whatever the values
+            self._check_room(outcome.outputs, short_name(op))
+        except torch.OutOfMemoryError as e:  # the stand-ins' sizes are the op's, whatever the values
             self.failed[op_id] = failure = to_info(e, op=op)
             out.append(m.Failure(None, op_id, failure))
             return True
@@ -439,12 +488,16 @@ class Session:
             torch.cuda.manual_seed_all(cmd.seed)
         out.append(m.Reply(cmd.req_id, None))
 
+    def _memory(self, cmd: m.MemoryReport, out: list) -> None:
+        clients = sorted(self.budget.holders) if self.is_owner else [self.client_id]
+        out.append(m.Reply(cmd.req_id, self.budget.report(clients, self.max_client_bytes)))
+
     def _sync(self, cmd: m.Sync, out: list) -> None:
         out.append(m.Reply(cmd.req_id, None))
 
     # --- moves between workers: Expect (at the destination), Push (at the source), Handover ---
     def _expect(self, cmd: m.Expect, out: list) -> None:
-        out.append(m.Reply(cmd.req_id, self.store.issue_ticket(self.client_id, m.ClientRef(cmd.req_id, 0))))
+        out.append(m.Reply(cmd.req_id, self.store.issue_ticket(self.client_id, m.ClientRef(cmd.req_id, 0), self._hold)))
 
     def _push(self, cmd: m.Push, out: list) -> None:
         try:

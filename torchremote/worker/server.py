@@ -30,6 +30,8 @@ from ..wire.resume import DEFAULT_GRACE_S
 from ..wire.websocket import ConnectionClosed, Placed
 from . import published_files
 from .connection import Listener, ServedConnection
+from . import budget
+from .budget import MemoryBudget
 from .execution import SendToWorker, Session
 from .releases import ReleaseDesk, ReleaseRequest
 from .sessions import ResumableSession, SessionTable
@@ -58,8 +60,9 @@ class WorkerServer:
 
     def __init__(self, id: str = "worker", host: str = "127.0.0.1", port: int = 0, *,
                  token: str | None = None, owner_token: str | None = None, device: str | torch.device = "cpu",
+                 max_memory: int | str | None = None, max_gpu_memory: int | str | None = None,
                  max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES,
-                 max_client_bytes: int | None = None, max_clients: int | None = None,
+                 max_client_bytes: int | str | None = None, max_clients: int | None = None,
                  resume_grace: float = DEFAULT_GRACE_S, certfile: str | None = None,
                  keyfile: str | None = None, allow_code: bool = False, insecure: bool = False,
                  verbose: bool = False, log_file: str | None = None,
@@ -81,9 +84,11 @@ class WorkerServer:
         if self._owner_token is not None and self._owner_token == self._token:
             raise WorkerPermissionError("the owner token must differ from the clients' token")
         self.max_message_bytes = max_message_bytes
-        # None: the default, a share of this machine's memory; 0: no limit
-        self.max_client_bytes = (default_max_client_bytes() if max_client_bytes is None
-                                 else max_client_bytes or None)
+        # sizes: None the default (a share of the memory there is), 0 no limit, "8GiB", "80%"
+        self.budget = MemoryBudget(_size(max_memory, budget.physical_memory()), self.device,
+                                   _size(max_gpu_memory, budget.device_memory(self.device)))
+        self.max_client_bytes = _size(max_client_bytes, self.budget.host.limit or budget.physical_memory(),
+                                      budget.DEFAULT_CLIENT_SHARE)
         if max_clients is not None and max_clients < 1:
             raise ValueError("--max-clients must be at least 1")
         self.max_clients = max_clients
@@ -112,8 +117,8 @@ class WorkerServer:
         if self.resume_grace > 0:
             threading.Thread(target=self._expire_dropped_sessions, name=f"torchremote-expiry-{id}",
                              daemon=True).start()
-        self.log.info("worker %r listening on %s; each client may hold up to %s", id, self.url,
-                      describe_bytes(self.max_client_bytes))
+        self.log.info("worker %r listening on %s; memory budget %s, each client may hold up to %s", id,
+                      self.url, self.describe_budget(), describe_bytes(self.max_client_bytes))
 
     @property
     def url(self) -> str:
@@ -131,8 +136,13 @@ class WorkerServer:
             raise TypeError(f"publish() takes a torch.Tensor, not {type(tensor).__qualname__}")
         if isinstance(tags, str):
             tags = (tags,)
-        ref = self.store.publish(tensor.detach().to(self.device), tuple(tags), description,
-                                 allow_get and not private, writable)
+        tensor = tensor.detach().to(self.device)
+        pool = self.budget.pool(tensor.untyped_storage())
+        new = 0 if self.store.holds_storage(tensor) else tensor.untyped_storage().nbytes()
+        self.budget.check(pool, new, f"publishing {tuple(tensor.shape)} {list(tags)}", "published data",
+                          self.store.published_bytes)
+        ref = self.store.publish(tensor, tuple(tags), description, allow_get and not private, writable)
+        self.budget.charge(pool, new)
         self.log.info("published %s %s %s%s%s", object_id(ref), tuple(tensor.shape), list(tags),
                       " (private)" if private or not allow_get else "", " (writable)" if writable else "")
         return object_id(ref)
@@ -176,6 +186,11 @@ class WorkerServer:
         """Approve every request for which `rule(request)` is true, as it is filed (and those
         pending now). The rule is the owner's own Python, run in this process."""
         self.releases.auto_approve(rule)
+
+    def describe_budget(self) -> str:
+        """'812.0 MiB of 1.0 GiB in use (memory)', for each pool."""
+        return "; ".join(f"{budget.describe(used)} of {budget.describe(limit)} in use ({name})"
+                         for name, used, limit in self.budget.rows())
 
     def objects(self) -> ObjectTable:
         """The whole registry: published data and every connected client's objects."""
@@ -244,7 +259,7 @@ class WorkerServer:
             return
         client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
-                          max_client_bytes=self.max_client_bytes, allow_code=self.allow_code,
+                          max_client_bytes=self.max_client_bytes, budget=self.budget, allow_code=self.allow_code,
                           releases=self.releases, is_owner=is_owner, send_to_worker=self._send_to_worker)
         state = self._resumable.open(session)
         self.log.info("%s connected as %s%s", peer, client_id, " (owner)" if is_owner else "")
@@ -337,10 +352,12 @@ class WorkerServer:
 
     def _free_session(self, state: ResumableSession, why: str) -> None:
         session = state.session
+        held = session.held_bytes
         freed = session.close()
         with self._sessions_lock:
             self._sessions -= 1
-        self.log.info("%s %s %s; freed %d object(s)", session.peer, session.client_id, why, freed)
+        self.log.info("%s %s %s; freed %d object(s), %s; worker memory: %s", session.peer, session.client_id,
+                      why, freed, budget.describe(held), self.describe_budget())
 
     def _expire_dropped_sessions(self) -> None:
         while not self._stopped.wait(min(1.0, self.resume_grace / 4)):
@@ -348,16 +365,14 @@ class WorkerServer:
 
 
 def describe_bytes(n: int | None) -> str:
-    return "any amount (no limit)" if n is None else f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n} bytes"
+    return "any amount (no limit)" if n is None else budget.describe(n)
 
 
-def default_max_client_bytes() -> int:
-    """The memory one client may hold unless the owner says otherwise: half of this machine's
-    physical memory, so that no single client can exhaust it."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # not POSIX: a fixed 8 GiB
-        return 8 << 30
+def _size(value: int | str | None, total: int | None, default_share: float = budget.DEFAULT_SHARE) -> int | None:
+    """A limit as given (bytes, "8GiB", "80%" of `total`; 0: none), or by default a share of `total`."""
+    if value is None:
+        return int(total * default_share) if total else None
+    return budget.parse_size(value, total)
 
 
 def _encode_replies(protocol: ServerProtocol, replies: list) -> list:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -37,11 +38,12 @@ class ObjectStore:
         self._namespaces: dict[str, dict[m.ClientRef, torch.Tensor]] = {}
         self._next_pub = 1
         self.published_storages: set[int] = set()  # owned by the owner: never counted to a client
+        self.published_bytes = 0  # the memory behind them, each storage once
         # behind data published read-only (the default): storage -> the name a refusal gives
         self.read_only_storages: dict[int, str] = {}
         # behind data published with allow_get=False (private): storage -> the name lineage shows
         self.no_get_storages: dict[int, str] = {}
-        self._tickets: dict[str, tuple[str, m.ClientRef]] = {}  # move tickets -> (client, slot)
+        self._tickets: dict[str, tuple] = {}  # move tickets -> (client, slot, how to hold it)
 
     # --- published data ---
     def publish(self, tensor: torch.Tensor, tags: tuple[str, ...], description: str,
@@ -51,12 +53,18 @@ class ObjectStore:
             self._published[pub_id] = Published(tensor, tags, description, allow_get, writable)
             if tensor.numel():
                 key, name = storage_key(tensor), tags[0] if tags else f"p{pub_id}"
-                self.published_storages.add(key)
+                if key not in self.published_storages:
+                    self.published_storages.add(key)
+                    self.published_bytes += tensor.untyped_storage().nbytes()
                 if not allow_get:
                     self.no_get_storages[key] = name
                 if not writable:
                     self.read_only_storages[key] = name
         return m.PublishedRef(pub_id)
+
+    def holds_storage(self, tensor: torch.Tensor) -> bool:
+        """Whether published data already holds the memory behind `tensor`."""
+        return not tensor.numel() or storage_key(tensor) in self.published_storages
 
     def published(self, ref: m.PublishedRef) -> Published:
         try:
@@ -85,20 +93,22 @@ class ObjectStore:
         return count
 
     # --- moves between workers ---
-    def issue_ticket(self, client_id: str, slot: m.ClientRef) -> str:
-        """A one-time ticket: what is handed over with it lands in `client_id`'s namespace at `slot`."""
+    def issue_ticket(self, client_id: str, slot: m.ClientRef,
+                     hold: Callable[[m.ClientRef, torch.Tensor], None]) -> str:
+        """A one-time ticket: what is handed over with it becomes `client_id`'s object `slot`,
+        held (and counted against its memory) by `hold`."""
         ticket = secrets.token_urlsafe(24)
         with self._lock:
-            self._tickets[ticket] = (client_id, slot)
+            self._tickets[ticket] = (client_id, slot, hold)
         return ticket
 
     def hand_over(self, ticket: str, tensor: torch.Tensor) -> None:
         with self._lock:
             entry = self._tickets.pop(ticket, None)
-            namespace = self._namespaces.get(entry[0]) if entry is not None else None
-        if entry is None or namespace is None:
+            live = entry is not None and entry[0] in self._namespaces
+        if not live:
             raise LookupError("unknown or used move ticket (or its client has disconnected)")
-        namespace[entry[1]] = tensor
+        entry[2](entry[1], tensor)
 
     # --- the registry ---
     def rows(self, client_id: str | None = None) -> list[m.ObjectInfo]:
