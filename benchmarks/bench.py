@@ -28,7 +28,7 @@ import psutil
 import torch
 
 import torchremote as tr
-from benchmarks import load, peers, privacy, resume, training
+from benchmarks import budget, load, peers, privacy, resume, training
 from benchmarks.timing import per_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -293,6 +293,7 @@ def report(results: dict) -> str:
               f"| wall time | {ld['wall_s']:.1f} s |"]
     lines += resume.report(results)
     lines += privacy.report(results)
+    lines += budget.report(results)
     mem = results["memory"]
     lines += ["", "### 5. Memory", "", "| what | figure |", "| --- | ---: |",
               f"| client memory per live RemoteTensor | {results['pointer_bytes']:.0f} B |",
@@ -401,6 +402,7 @@ def main() -> None:
                           ("100 clients", lambda: results.__setitem__("load", load.run(url, worker.pid, 100))),
                           ("resume", lambda: results.__setitem__("resume", resume.run(url, no_resume_url))),
                           ("provenance", lambda: results.__setitem__("privacy", privacy.run())),
+                          ("memory budget", lambda: results.__setitem__("budget", budget.run())),
                           ("memory", lambda: memory(bob, worker.pid, results, move))):
             t0 = time.perf_counter()
             print(f"running {name} ...", file=sys.stderr, flush=True)

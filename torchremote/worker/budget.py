@@ -90,7 +90,9 @@ class MemoryBudget:
         return self.gpu if self.gpu is not None and storage.device.type == "cuda" else self.host
 
     def pool_for(self, device: torch.device | str) -> Pool:
-        return self.gpu if self.gpu is not None and torch.device(device).type == "cuda" else self.host
+        if self.gpu is None:
+            return self.host
+        return self.gpu if torch.device(device).type == "cuda" else self.host
 
     def check(self, pool: Pool, new: int, what: str, holder: str, held: int) -> None:
         """Refuse (`torch.OutOfMemoryError`) if `new` more bytes would pass the pool's budget."""

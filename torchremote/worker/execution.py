@@ -25,6 +25,7 @@ from .releases import ReleaseDesk, ReleasedFailure
 from .store import ObjectStore
 
 _CONTAINERS = (list, tuple, dict)
+PRECHECK_BYTES = 1 << 20  # outputs this large are refused before the op runs when there is no room
 
 _SENDABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
                     torch.memory_format, torch.layout, m.TensorMeta, m.SameAs, slice, type(Ellipsis))
@@ -127,38 +128,62 @@ class Session:
                 raise _Poisoned(failure.info) from None
 
     # --- what this client holds, within its own limit and the worker's budget (budget.py) ---
-    def _new_bytes(self, tensors: list[torch.Tensor]) -> dict[Pool, int]:
-        """The memory these tensors would add to what this client holds, by budget pool."""
-        seen: set[int] = set()
-        new: dict[Pool, int] = {}
+    def _measure(self, tensors: list[torch.Tensor]) -> list:
+        """For each tensor, (storage key, bytes, budget pool) of the memory behind it, or None where
+        that is published data (the owner's, never counted to a client)."""
+        published = self.store.published_storages
+        host = self.budget.host if self.budget.gpu is None else None
+        measured = []
         for t in tensors:
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key in self._storages or key in seen or key in self.store.published_storages:
-                continue
-            seen.add(key)
-            pool = self.budget.pool(storage)
-            new[pool] = new.get(pool, 0) + storage.nbytes()
-        return new
+            measured.append(None if key in published else (key, storage.nbytes(), host or self.budget.pool(storage)))
+        return measured
 
-    def _check_room(self, tensors: list[torch.Tensor], what: str) -> None:
-        if self._accounting:
-            self._check_pools(self._new_bytes(tensors), what)
+    def _check_room(self, tensors: list[torch.Tensor], what: str) -> list | None:
+        """After an op: refuse outputs that would take this client or the worker past a limit
+        (`what` names the op; a message is made only for a refusal). Returns what `_measure` says
+        of them, for `_hold`."""
+        if not self._accounting or not tensors:
+            return None
+        if len(tensors) == 1 and self.budget.gpu is None:  # the common case, made cheap
+            storage = tensors[0].untyped_storage()
+            key = storage.data_ptr()
+            if key in self.store.published_storages:
+                return [None]
+            entry = (key, storage.nbytes(), self.budget.host)
+            if key not in self._storages:
+                self._check_pool(entry[2], entry[1], what)
+            return [entry]
+        measured = self._measure(tensors)
+        new: dict[Pool, int] = {}
+        seen = set()
+        for entry in measured:
+            if entry is not None and entry[0] not in self._storages and entry[0] not in seen:
+                seen.add(entry[0])
+                new[entry[2]] = new.get(entry[2], 0) + entry[1]
+        for pool, n in new.items():
+            self._check_pool(pool, n, what)
+        return measured
 
-    def _check_new_bytes(self, new: int, what: str, device: torch.device | str | None = None) -> None:
+    def _check_new_bytes(self, new: int, what: str, device: torch.device | str | None = None,
+                         before: bool = False) -> None:
         """Refuse, before anything is allocated, `new` bytes more on `device` (the worker's)."""
         if self._accounting and new:
-            self._check_pools({self.budget.pool_for(device or self.device): new}, what)
+            pool = self.budget.host if self.budget.gpu is None else self.budget.pool_for(device or self.device)
+            self._check_pool(pool, new, what, before)
 
-    def _check_pools(self, new: dict[Pool, int], what: str) -> None:
-        total = sum(new.values())
-        if self.max_client_bytes is not None and total and self.held_bytes + total > self.max_client_bytes:
+    def _check_pool(self, pool: Pool, new: int, what: str, before: bool = False) -> None:
+        limit = self.max_client_bytes
+        if (limit is None or self.held_bytes + new <= limit) and (pool.limit is None or pool.used + new <= pool.limit):
+            return
+        what = short_name(what) + (" (checked before it ran)" if before else "")
+        if limit is not None and self.held_bytes + new > limit:
             raise torch.OutOfMemoryError(
-                f"{what} needs {describe(total)} more, which would make this client hold "
-                f"{describe(self.held_bytes + total)} on the worker, over its limit of "
-                f"{describe(self.max_client_bytes)} (--max-client-bytes): free some pointers (del x)")
-        for pool, n in new.items():
-            self.budget.check(pool, n, what, f"this client ({self.client_id})", self.held_bytes)
+                f"{what} needs {describe(new)} more, which would make this client hold "
+                f"{describe(self.held_bytes + new)} on the worker, over its limit of "
+                f"{describe(limit)} (--max-client-bytes): free some pointers (del x)")
+        self.budget.check(pool, new, what, f"this client ({self.client_id})", self.held_bytes)
 
     def _reserve(self, send_id: int, nbytes: int, device: torch.device | str) -> None:
         """Room for a chunked send, held from its first message: its chunks arrive over time."""
@@ -175,22 +200,24 @@ class Session:
             self.budget.credit(*entry)
             self.held_bytes -= entry[1]
 
-    def _hold(self, ref: m.ClientRef, t: torch.Tensor) -> None:
+    def _hold(self, ref: m.ClientRef, t: torch.Tensor, measured: tuple | None | bool = False) -> None:
+        """`t` is this client's object `ref` from now on, counted against its limits (`measured`:
+        what `_measure` said of it, if known)."""
         self._drop(ref)
         self.objects[ref] = t
         if not self._accounting:
             return  # no limit: nothing to account (a storage lookup per op saved)
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.store.published_storages:
+        if measured is False:
+            measured = self._measure([t])[0]
+        if measured is None:  # published memory
             return
+        key = measured[0]
         self._held_keys[ref] = key  # so that dropping it needs no storage lookup
         entry = self._storages.get(key)
         if entry is None:
-            pool = self.budget.pool(storage)
-            entry = self._storages[key] = [storage.nbytes(), 0, pool]
+            entry = self._storages[key] = [measured[1], 0, measured[2]]
             self.held_bytes += entry[0]
-            self.budget.charge(pool, entry[0])
+            self.budget.charge(measured[2], entry[0])
         entry[1] += 1
 
     def _drop(self, ref: m.ClientRef) -> None:
@@ -329,8 +356,8 @@ class Session:
         running = False  # inside the op itself: what fails there may depend on the values
         try:
             func = run = load(op)
-            if out_bytes:
-                self._check_new_bytes(out_bytes, f"{short_name(op)} (checked before it ran)")
+            if out_bytes >= PRECHECK_BYTES:  # smaller outputs: the check after the op suffices
+                self._check_new_bytes(out_bytes, op, before=True)
             args = self._resolve(wire_args, refs, inputs)
             kwargs = self._resolve(wire_kwargs, refs, inputs) if wire_kwargs else wire_kwargs
             if self.provenance.watching:
@@ -366,7 +393,7 @@ class Session:
                         f"only (convert with .to_dense() on the worker first)")
                 if leaf._is_zerotensor():  # autograd's storage-less zeros: held as real ones
                     leaves[k] = torch.zeros_like(leaf)
-            self._check_room(leaves, short_name(op))
+            measured = self._check_room(leaves, op)
             if derived is not None:
                 self._track(op, derived, leaves, tensors, versions, None if load is ops.resolve else result)
         except _Poisoned as p:  # reported where it happened; only answer if asked
@@ -394,7 +421,7 @@ class Session:
             out.append(m.Failure(req_id, op_id, info))
             return
         for k, leaf in enumerate(leaves):
-            self._hold(m.ClientRef(op_id, k), leaf)
+            self._hold(m.ClientRef(op_id, k), leaf, measured[k] if measured is not None else False)
         if reply:
             try:
                 out.append(m.Reply(req_id, _describe_result(result, refs)))
@@ -417,7 +444,7 @@ class Session:
             out.append(m.Failure(None, op_id, failure))
             return True
         try:
-            self._check_room(outcome.outputs, short_name(op))
+            self._check_room(outcome.outputs, op)
         except torch.OutOfMemoryError as e:  # the stand-ins' sizes are the op's, whatever the values
             self.failed[op_id] = failure = to_info(e, op=op)
             out.append(m.Failure(None, op_id, failure))
