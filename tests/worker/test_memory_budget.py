@@ -120,3 +120,21 @@ def test_random_allocations_never_pass_the_budget_nor_refuse_what_fits(steps):
         for c in clients:
             c.close()
         server.stop()
+
+
+def test_a_tensor_moved_in_from_another_worker_counts_for_its_new_holder():
+    source, destination = tr.start_worker(id="a"), tr.start_worker(id="b", max_memory="64MiB")
+    try:
+        with tr.connect(source.url) as a, tr.connect(destination.url) as b:
+            x = torch.ones(MiB // 4).send(a)
+            moved = x.move(b)
+            assert moved.sum().item() == MiB // 4
+            memory = b.memory()
+            assert destination.budget.host.used == MiB and memory.held_by(b.client_id) == MiB
+            del moved
+            gc.collect()
+            b.sync()
+            assert destination.budget.host.used == 0
+    finally:
+        source.stop()
+        destination.stop()

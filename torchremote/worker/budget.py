@@ -94,12 +94,14 @@ class MemoryBudget:
             return self.host
         return self.gpu if torch.device(device).type == "cuda" else self.host
 
-    def check(self, pool: Pool, new: int, what: str, holder: str, held: int) -> None:
-        """Refuse (`torch.OutOfMemoryError`) if `new` more bytes would pass the pool's budget."""
-        if pool.limit is not None and new and pool.used + new > pool.limit:
+    def check(self, pool: Pool, new: int, what: str, holder: str, held: int, pending: int = 0) -> None:
+        """Refuse (`torch.OutOfMemoryError`) if `new` more bytes would pass the pool's budget
+        (`pending`: what the asking session has taken that is not settled yet)."""
+        used = pool.used + pending
+        if pool.limit is not None and new and used + new > pool.limit:
             raise torch.OutOfMemoryError(
                 f"{what} needs {describe(new)} more, which would take the worker past its {pool.name} budget "
-                f"of {describe(pool.limit)} ({pool.flag}): {describe(pool.used)} are in use, {describe(held)} "
+                f"of {describe(pool.limit)} ({pool.flag}): {describe(used)} are in use, {describe(held)} "
                 f"of it by {holder}. Free some pointers (del x), or wait for others to; the same call "
                 f"succeeds once there is room")
 

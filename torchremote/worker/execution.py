@@ -72,6 +72,7 @@ class Session:
         self._storages: dict[int, list] = {}  # storage -> [bytes, objects using it, its budget pool]
         self._held_keys: dict[m.ClientRef, int] = {}  # object -> its storage, when accounted
         self._reserved: dict[int, tuple[Pool, int]] = {}  # a chunked send arriving -> the room it holds
+        self._unsettled: dict[Pool, int] = {}  # taken (or given back, < 0) in this batch: see `_settle`
         self.budget.holders[client_id] = self
         self._handlers: dict[type, Callable[[Any, list], None]] = {
             m.Put: self._put, m.Call: self._call, m.Fetch: self._fetch, m.Release: self._release,
@@ -98,10 +99,20 @@ class Session:
             except Exception as e:  # a handler's own bug must not take the connection down
                 out.append(m.Failure(_reply_id(cmd), getattr(cmd, "op_id", None),
                                      to_info(e, tb=traceback.format_exc())))
+        if self._unsettled:
+            self._settle()
         return out
+
+    def _settle(self) -> None:
+        """Pass what this batch took and gave back on to the worker's budget: once a batch, not
+        once an op (a lock each). Its own checks count it meanwhile."""
+        unsettled, self._unsettled = self._unsettled, {}
+        for pool, n in unsettled.items():
+            self.budget.charge(pool, n)
 
     def close(self) -> int:
         self.releases.forget_client(self.client_id)
+        self._settle()
         self._incoming.clear()
         for send_id in list(self._reserved):
             self._unreserve(send_id)
@@ -175,7 +186,9 @@ class Session:
 
     def _check_pool(self, pool: Pool, new: int, what: str, before: bool = False) -> None:
         limit = self.max_client_bytes
-        if (limit is None or self.held_bytes + new <= limit) and (pool.limit is None or pool.used + new <= pool.limit):
+        pending = self._unsettled.get(pool, 0) if self._unsettled else 0
+        if (limit is None or self.held_bytes + new <= limit) and \
+                (pool.limit is None or pool.used + pending + new <= pool.limit):
             return
         what = short_name(what) + (" (checked before it ran)" if before else "")
         if limit is not None and self.held_bytes + new > limit:
@@ -183,7 +196,7 @@ class Session:
                 f"{what} needs {describe(new)} more, which would make this client hold "
                 f"{describe(self.held_bytes + new)} on the worker, over its limit of "
                 f"{describe(limit)} (--max-client-bytes): free some pointers (del x)")
-        self.budget.check(pool, new, what, f"this client ({self.client_id})", self.held_bytes)
+        self.budget.check(pool, new, what, f"this client ({self.client_id})", self.held_bytes, pending)
 
     def _reserve(self, send_id: int, nbytes: int, device: torch.device | str) -> None:
         """Room for a chunked send, held from its first message: its chunks arrive over time."""
@@ -200,9 +213,11 @@ class Session:
             self.budget.credit(*entry)
             self.held_bytes -= entry[1]
 
-    def _hold(self, ref: m.ClientRef, t: torch.Tensor, measured: tuple | None | bool = False) -> None:
+    def _hold(self, ref: m.ClientRef, t: torch.Tensor, measured: tuple | None | bool = False,
+              settled: bool = False) -> None:
         """`t` is this client's object `ref` from now on, counted against its limits (`measured`:
-        what `_measure` said of it, if known)."""
+        what `_measure` said of it, if known; `settled`: charged to the budget at once, for a
+        tensor handed over from another thread)."""
         self._drop(ref)
         self.objects[ref] = t
         if not self._accounting:
@@ -215,10 +230,18 @@ class Session:
         self._held_keys[ref] = key  # so that dropping it needs no storage lookup
         entry = self._storages.get(key)
         if entry is None:
-            entry = self._storages[key] = [measured[1], 0, measured[2]]
+            pool = measured[2]
+            entry = self._storages[key] = [measured[1], 0, pool]
             self.held_bytes += entry[0]
-            self.budget.charge(measured[2], entry[0])
+            if settled:
+                self.budget.charge(pool, entry[0])
+            else:
+                self._unsettled[pool] = self._unsettled.get(pool, 0) + entry[0]
         entry[1] += 1
+
+    def _hold_handed_over(self, ref: m.ClientRef, t: torch.Tensor) -> None:
+        """What a move from another worker delivers (on the mover's thread, not this session's)."""
+        self._hold(ref, t, settled=True)
 
     def _drop(self, ref: m.ClientRef) -> None:
         if self.objects.pop(ref, None) is None or not self._accounting:
@@ -230,7 +253,8 @@ class Session:
             if entry[1] == 0:
                 del self._storages[key]
                 self.held_bytes -= entry[0]
-                self.budget.credit(entry[2], entry[0])
+                pool = entry[2]
+                self._unsettled[pool] = self._unsettled.get(pool, 0) - entry[0]
 
     # --- resolving references ---
     def _tensor(self, ref: m.Ref) -> torch.Tensor:
@@ -516,6 +540,7 @@ class Session:
         out.append(m.Reply(cmd.req_id, None))
 
     def _memory(self, cmd: m.MemoryReport, out: list) -> None:
+        self._settle()
         clients = sorted(self.budget.holders) if self.is_owner else [self.client_id]
         out.append(m.Reply(cmd.req_id, self.budget.report(clients, self.max_client_bytes)))
 
@@ -524,7 +549,8 @@ class Session:
 
     # --- moves between workers: Expect (at the destination), Push (at the source), Handover ---
     def _expect(self, cmd: m.Expect, out: list) -> None:
-        out.append(m.Reply(cmd.req_id, self.store.issue_ticket(self.client_id, m.ClientRef(cmd.req_id, 0), self._hold)))
+        out.append(m.Reply(cmd.req_id, self.store.issue_ticket(self.client_id, m.ClientRef(cmd.req_id, 0),
+                                                                   self._hold_handed_over)))
 
     def _push(self, cmd: m.Push, out: list) -> None:
         try:
