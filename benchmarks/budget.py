@@ -54,7 +54,7 @@ def report(results: dict) -> list[str]:
         return []
     on, off = "budget on (defaults)", "budget off"
     chain, sync = r["chain_us_per_op"], r["sync_us"]
-    return ["", "### 4e. Memory budget: the same work with the accounting on and off (medians of 3)", "",
+    return ["", "### 4e. Memory budget: the same work with the accounting on and off (medians of alternating rounds)", "",
             "| figure | budget on | budget off | difference |", "| --- | ---: | ---: | ---: |",
             f"| pipelined chain, µs/op | {chain[on]:.1f} | {chain[off]:.1f} | {chain[on] - chain[off]:+.1f} µs |",
             f"| (x + 1).sum().item(), µs | {sync[on]:.0f} | {sync[off]:.0f} | {sync[on] - sync[off]:+.0f} µs |"]
