@@ -29,11 +29,19 @@ REMOTE_DEVICE_TYPE = "remote"        # torch's PrivateUse1 backend, renamed: poi
 
 # The hot types (made for every op) are plain slotted dataclasses: a frozen one's __init__ costs
 # three times as much. They are never mutated all the same.
-@dataclass(slots=True, unsafe_hash=True)
+@dataclass(slots=True, eq=False)
 class ClientRef:
     """Output `index` of the client's op `op_id`: an object in that client's namespace."""
     op_id: int
     index: int = 0
+
+    # written out: a worker looks up several per op, and the generated ones cost twice as much
+    def __hash__(self) -> int:
+        return self.op_id << 6 ^ self.index
+
+    def __eq__(self, other: object) -> bool:
+        return (other.__class__ is ClientRef and self.op_id == other.op_id  # type: ignore[attr-defined]
+                and self.index == other.index)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
