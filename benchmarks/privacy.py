@@ -7,7 +7,6 @@ filed and approved on the worker), so it shows that cost too.
 """
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 
 import torchremote as tr
 
-from .timing import per_call
+from .side_by_side import chain_and_sync, stop
 
 RULE_WORKER = r'''
 import sys, torch, torchremote as tr
@@ -30,17 +29,7 @@ server.serve_forever()
 '''
 
 
-def _chain_us(x: tr.RemoteTensor, chain: int = 2000) -> float:
-    def run():
-        y = x
-        for _ in range(chain):
-            y = y + 1
-        return y.sum().item()
-    return per_call(run, 1, 5) / chain * 1e6
-
-
 def run() -> dict:
-    out: dict = {"chain_us_per_op": {}, "sync_us": {}}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data.safetensors"
         save_file({"data": torch.ones(10)}, str(path))
@@ -50,17 +39,9 @@ def run() -> dict:
             urls = [p.stdout.readline().strip() for p in procs]
             with tr.connect(urls[0]) as open_w, tr.connect(urls[1]) as private_w:
                 (a,), (b,) = open_w.search("data"), private_w.search("data")
-                for _ in range(3):  # alternate, so drift on a noisy machine hits both alike
-                    for name, x in (("open", a), ("private", b)):
-                        out["chain_us_per_op"].setdefault(name, []).append(_chain_us(x))
-                        out["sync_us"].setdefault(name, []).append(
-                            per_call(lambda: (x + 1).sum().item(), 300) * 1e6)
+                return chain_and_sync({"open": a, "private": b})
         finally:
-            for p in procs:
-                p.kill()
-                p.wait(timeout=10)
-                p.stdout.close()
-    return {k: {name: statistics.median(v) for name, v in rows.items()} for k, rows in out.items()}
+            stop(procs)
 
 
 def report(results: dict) -> list[str]:
