@@ -138,3 +138,16 @@ def test_a_tensor_moved_in_from_another_worker_counts_for_its_new_holder():
     finally:
         source.stop()
         destination.stop()
+
+
+def test_torch_remote_memory_allocated_counts_what_this_client_holds(fresh_server):
+    with tr.connect(fresh_server.url) as w:
+        x = torch.zeros(MiB // 4).send(w)  # 1 MiB
+        y = x * 2                          # 1 MiB more
+        view = y[:10]                      # a view: nothing more
+        assert torch.remote.memory_allocated(w.device) == 2 * MiB
+        del x, y
+        gc.collect()
+        assert torch.remote.memory_allocated(w.device) == MiB  # the view keeps y's storage
+        assert torch.remote.max_memory_allocated(w.device) == 2 * MiB
+        del view

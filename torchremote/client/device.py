@@ -64,7 +64,7 @@ def _device_module() -> types.ModuleType:
     module.__doc__ = "Devices of torchremote workers: remote:i is the i-th worker this process connected to."
     for fn in (is_available, is_initialized, device_count, current_device, set_device, synchronize,
                manual_seed, manual_seed_all, get_device_name, get_amp_supported_dtype, is_bf16_supported,
-               _is_in_bad_fork):
+               memory_allocated, max_memory_allocated, _is_in_bad_fork):
         setattr(module, fn.__name__, fn)
     return module
 
@@ -122,6 +122,19 @@ def manual_seed_all(seed: int) -> None:
                 worker.manual_seed(seed)
             except WorkerConnectionError:
                 pass
+
+
+def memory_allocated(device: "torch.device | str | int | None" = None) -> int:
+    """Bytes this process's tensors hold on that worker, as the worker counts them (each storage
+    once; `torch.cuda.memory_allocated`'s counterpart). One round trip."""
+    worker = worker_of(_as_device(device))
+    return worker.memory().held_by(worker.client_id)
+
+
+def max_memory_allocated(device: "torch.device | str | int | None" = None) -> int:
+    """The most this process's tensors have held on that worker at once (since it connected)."""
+    worker = worker_of(_as_device(device))
+    return worker.memory().peak_of(worker.client_id)
 
 
 def get_device_name(device: "torch.device | str | int | None" = None) -> str:

@@ -390,7 +390,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.ReleaseStatus: (_is_int, _is_int),
     m.ListReleases: (_is_int,),
     m.MemoryReport: (_is_int,),
-    m.MemoryInfo: (_is_str_tuple, _is_shape, _is_shape, _is_str_tuple, _is_shape, _is_count),
+    m.MemoryInfo: (_is_str_tuple, _is_shape, _is_shape, _is_str_tuple, _is_shape, _is_count, _is_shape),
     m.Decide: (_is_int, _is_int, _of(bool), _of(str)),
     m.ReleaseInfo: (_is_int, _of(str), _of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _of(str), _is_int,
                     _of(str), _of(str), _of(str), _of(str)),

@@ -261,9 +261,13 @@ class MemoryInfo:
     clients: tuple[str, ...]
     held: tuple[int, ...]
     client_limit: int = 0
+    peaks: tuple[int, ...] = ()  # per client, the most it has held at once
 
     def held_by(self, client: str) -> int:
         return dict(zip(self.clients, self.held)).get(client, 0)
+
+    def peak_of(self, client: str) -> int:
+        return dict(zip(self.clients, self.peaks)).get(client, 0)
 
     def __str__(self) -> str:
         def size(n: int) -> str:

@@ -122,4 +122,4 @@ class MemoryBudget:
         holders = dict(self.holders)
         return m.MemoryInfo(tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] or 0 for r in rows),
                             tuple(clients), tuple(holders[c].held_bytes if c in holders else 0 for c in clients),
-                            client_limit or 0)
+                            client_limit or 0, tuple(holders[c].peak_bytes if c in holders else 0 for c in clients))

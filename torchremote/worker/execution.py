@@ -69,6 +69,7 @@ class Session:
         # memory is counted where there is a limit to keep: the client's own, or the worker's
         self._accounting = max_client_bytes is not None or any(limit for _, _, limit in self.budget.rows())
         self.held_bytes = 0  # memory behind this client's objects (and its sends arriving), each storage once
+        self.peak_bytes = 0  # the most it has held at once (torch.remote.max_memory_allocated)
         self._storages: dict[int, list] = {}  # storage -> [bytes, objects using it, its budget pool]
         self._held_keys: dict[m.ClientRef, int] = {}  # object -> its storage, when accounted
         self._reserved: dict[int, tuple[Pool, int]] = {}  # a chunked send arriving -> the room it holds
@@ -205,6 +206,7 @@ class Session:
             pool = self.budget.pool_for(device)
             self.budget.charge(pool, nbytes)
             self.held_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.held_bytes)
             self._reserved[send_id] = (pool, nbytes)
 
     def _unreserve(self, send_id: int) -> None:
@@ -233,6 +235,8 @@ class Session:
             pool = measured[2]
             entry = self._storages[key] = [measured[1], 0, pool]
             self.held_bytes += entry[0]
+            if self.held_bytes > self.peak_bytes:
+                self.peak_bytes = self.held_bytes
             if settled:
                 self.budget.charge(pool, entry[0])
             else:

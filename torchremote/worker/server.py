@@ -189,7 +189,8 @@ class WorkerServer:
 
     def describe_budget(self) -> str:
         """'812.0 MiB of 1.0 GiB in use (memory)', for each pool."""
-        return "; ".join(f"{budget.describe(used)} of {budget.describe(limit)} in use ({name})"
+        return "; ".join(f"{budget.describe(used)} of {budget.describe(limit)} in use ({name})" if limit
+                         else f"{budget.describe(used)} in use, no limit ({name})"
                          for name, used, limit in self.budget.rows())
 
     def objects(self) -> ObjectTable:
