@@ -151,3 +151,19 @@ def test_torch_remote_memory_allocated_counts_what_this_client_holds(fresh_serve
         assert torch.remote.memory_allocated(w.device) == MiB  # the view keeps y's storage
         assert torch.remote.max_memory_allocated(w.device) == 2 * MiB
         del view
+
+
+def test_a_client_sees_its_own_holdings_and_the_owner_sees_everyones():
+    server = tr.start_worker(id="shared", token="client", owner_token="owner", max_memory="64MiB")
+    try:
+        with tr.connect(server.url, token="client", name="alice") as alice, \
+                tr.connect(server.url, token="client", name="bob") as bob, \
+                tr.connect(server.url, token="owner", name="owner") as owner:
+            kept = [torch.zeros(MiB // 4).send(alice), torch.zeros(MiB // 2).send(bob)]
+            assert alice.memory().clients == (alice.client_id,) and alice.memory().held == (MiB,)
+            everyone = owner.memory()
+            assert everyone.held_by(alice.client_id) == MiB and everyone.held_by(bob.client_id) == 2 * MiB
+            assert "64.0 MiB" in str(everyone) and f"{bob.client_id}: 2.0 MiB" in str(everyone)
+            del kept
+    finally:
+        server.stop()

@@ -192,12 +192,16 @@ class Session:
                 (pool.limit is None or pool.used + pending + new <= pool.limit):
             return
         what = short_name(what) + (" (checked before it ran)" if before else "")
-        if limit is not None and self.held_bytes + new > limit:
-            raise torch.OutOfMemoryError(
-                f"{what} needs {describe(new)} more, which would make this client hold "
-                f"{describe(self.held_bytes + new)} on the worker, over its limit of "
-                f"{describe(limit)} (--max-client-bytes): free some pointers (del x)")
-        self.budget.check(pool, new, what, f"this client ({self.client_id})", self.held_bytes, pending)
+        try:
+            if limit is not None and self.held_bytes + new > limit:
+                raise torch.OutOfMemoryError(
+                    f"{what} needs {describe(new)} more, which would make this client hold "
+                    f"{describe(self.held_bytes + new)} on the worker, over its limit of "
+                    f"{describe(limit)} (--max-client-bytes): free some pointers (del x)")
+            self.budget.check(pool, new, what, f"this client ({self.client_id})", self.held_bytes, pending)
+        except torch.OutOfMemoryError as e:  # the owner's log shows who asked for too much
+            self.log.warning("%s %s: refused: %s", self.peer, self.client_id, e)
+            raise
 
     def _reserve(self, send_id: int, nbytes: int, device: torch.device | str) -> None:
         """Room for a chunked send, held from its first message: its chunks arrive over time."""
