@@ -8,6 +8,7 @@
 Where code runs: `client/` in the user's process, `worker/` in the worker's, `wire/` on both sides.
 """
 from . import client as _client  # noqa: F401  (registers the `remote` device and the dispatcher)
+from .client.checkpoints import load_on_worker, save_on_worker
 from .client.handle import Worker, connect
 from .client.module import get, on, send
 from .client.remote_code import remote
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get", "on", "remote",
+    "save_on_worker", "load_on_worker",
     "TorchRemoteError", "WorkerConnectionError", "WorkerPermissionError", "ProtocolError",
     "RemoteError", "ApprovalRequired",
 ]

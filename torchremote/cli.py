@@ -53,6 +53,7 @@ def _worker(args: argparse.Namespace) -> int:
                               max_message_bytes=args.max_message_bytes, max_clients=args.max_clients,
                               max_client_bytes=args.max_client_bytes, max_memory=args.max_memory,
                               max_gpu_memory=args.max_gpu_memory, allow_code=args.allow_code,
+                              checkpoint_dir=args.checkpoint_dir,
                               resume_grace=args.resume_grace)
     except (TorchRemoteError, OSError, ValueError) as e:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="publish every tensor in this safetensors file under its name (repeatable)")
     w.add_argument("--data-dir", action="append", metavar="DIR",
                    help="publish every .safetensors file in DIR at start (repeatable)")
+    w.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="clients may save checkpoints here, on this machine (tr.save_on_worker), and load them back")
     w.add_argument("--tags", nargs="+", metavar="T", help="tags added to every tensor published from files")
     w.add_argument("--private", action="store_true",
                    help="clients may compute on the tensors published from files, never fetch them")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..wire import messages as m
 from .device import BACKEND, worker_of
 from .registry import implements
 from .tensor import RemoteTensor, send
@@ -72,3 +73,32 @@ def _restore(storage: Any, location: str) -> Any:
 
 torch.serialization.register_package(9, _tag, _restore)  # before the CPU's own tag (10)
 torch.serialization.add_safe_globals([rebuild])
+
+
+# --- checkpoints that stay on the worker's disk (worker/checkpoints.py) ---------------------------
+
+def save_on_worker(obj: Any, name: str) -> str:
+    """Save a state dict of RemoteTensors (or a module's `state_dict()`, or one tensor) as the
+    safetensors file `name` in its worker's checkpoint directory, without moving the bytes; returns
+    the file's name. The worker must allow it (`--checkpoint-dir`). Private-derived data may be
+    saved (it stays on the worker) and loads back as private-derived."""
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    elif isinstance(obj, torch.Tensor):
+        obj = {"tensor": obj}
+    if not isinstance(obj, dict) or not obj:
+        raise TypeError("save_on_worker takes a state dict (name -> RemoteTensor), a module or a RemoteTensor")
+    workers = {id(t._worker): t._worker for t in obj.values() if isinstance(t, RemoteTensor)}
+    if len(workers) != 1 or not all(isinstance(t, RemoteTensor) for t in obj.values()):
+        raise ValueError("save_on_worker saves RemoteTensors of one worker: move the others there first "
+                         "(or torch.save what lives here)")
+    (worker,) = workers.values()
+    return worker._request(m.SaveCheckpoint, name, tuple(str(k) for k in obj), tuple(t._ref for t in obj.values()))
+
+
+def load_on_worker(worker: Any, name: str) -> dict[str, RemoteTensor]:
+    """The tensors of the worker's checkpoint `name`, as pointers (nothing crosses the wire):
+    `model.load_state_dict(tr.load_on_worker(w, "step-100"))`."""
+    req_id, (keys, metas) = worker._ask(lambda: worker._protocol.request(m.LoadCheckpoint, name), "load")
+    return {key: RemoteTensor._wrap(meta, worker, m.ClientRef(req_id, k)) for k, (key, meta) in
+            enumerate(zip(keys, metas))}

@@ -73,7 +73,7 @@ _BUILTIN_NAMES = (
     "FloatingPointError", "IndexError", "KeyError", "LookupError", "MemoryError",
     "NotImplementedError", "OverflowError", "RecursionError", "RuntimeError", "StopIteration",
     "TypeError", "UnicodeError", "ValueError", "ZeroDivisionError", "PermissionError",
-    "ConnectionError", "TimeoutError",
+    "ConnectionError", "TimeoutError", "FileNotFoundError", "OSError",
 )
 _REBUILDABLE: dict[str, type[BaseException]] = {
     name: getattr(builtins, name) for name in _BUILTIN_NAMES

@@ -283,6 +283,24 @@ class MemoryInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class SaveCheckpoint:
+    """Write these objects, under `keys`, to the safetensors file `name` in the worker's checkpoint
+    directory: on the worker's disk, nothing crosses the wire."""
+    req_id: int
+    name: str
+    keys: tuple[str, ...]
+    refs: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCheckpoint:
+    """Read the worker's checkpoint `name`; its tensors become `ClientRef(req_id, k)`, in the order
+    of the reply `(keys, metas)`."""
+    req_id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class ManualSeed:
     req_id: int
     seed: int
@@ -408,7 +426,7 @@ class Failure:
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
     PutBegin, Chunk, Run, Expect, Push, Handover, Ack, RequestRelease, ReleaseStatus, ListReleases, Decide,
-    MemoryReport,
+    MemoryReport, SaveCheckpoint, LoadCheckpoint,
 )
 VALUE_TYPES: tuple[type, ...] = (
     TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor, ReleaseInfo, MemoryInfo,

@@ -18,7 +18,7 @@ from ..wire import messages as m
 from ..wire.errors import WorkerPermissionError, to_info
 from ..wire.messages import REMOTE_DEVICE_TYPE as _REMOTE, object_id
 from .provenance import BACKWARD_OPS, Derived, Provenance
-from . import failures
+from . import checkpoints, failures
 from .budget import MemoryBudget, Pool, describe
 from .read_only import ReadOnlyGuard, own_alias, touches
 from .releases import ReleaseDesk, ReleasedFailure
@@ -51,6 +51,7 @@ class Session:
                  peer: str = "", log: logging.Logger | None = None,
                  max_client_bytes: int | None = None, budget: MemoryBudget | None = None,
                  allow_code: bool = False, releases: ReleaseDesk | None = None, is_owner: bool = False,
+                 checkpoint_dir: str | None = None,
                  send_to_worker: SendToWorker | None = None) -> None:
         self.store = store
         self.send_to_worker = send_to_worker
@@ -62,6 +63,7 @@ class Session:
         self.failed: dict[int, m.ErrorInfo] = {}
         self.max_client_bytes = max_client_bytes
         self.allow_code = allow_code
+        self.checkpoint_dir = checkpoint_dir  # where checkpoints on the worker's disk go (None: none)
         self.provenance = Provenance(store.no_get_storages)
         self.releases = releases if releases is not None else ReleaseDesk(self.log)
         self.is_owner = is_owner  # holds the owner token: may list and decide release requests
@@ -82,6 +84,7 @@ class Session:
             m.Expect: self._expect, m.Push: self._push, m.Handover: self._handover,
             m.RequestRelease: self._request_release, m.ReleaseStatus: self._release_status,
             m.ListReleases: self._list_releases, m.Decide: self._decide, m.MemoryReport: self._memory,
+            m.SaveCheckpoint: self._save_checkpoint, m.LoadCheckpoint: self._load_checkpoint,
         }
         self._incoming: dict[int, tuple[codec.Assembly, bool, str]] = {}
         self._aliases: dict[int, torch.Tensor] = {}  # published object -> this session's alias of it
@@ -546,6 +549,39 @@ class Session:
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(cmd.seed)
         out.append(m.Reply(cmd.req_id, None))
+
+    # --- checkpoints on the worker's disk (checkpoints.py) ---
+    def _save_checkpoint(self, cmd: m.SaveCheckpoint, out: list) -> None:
+        try:
+            path = checkpoints.path_for(self.checkpoint_dir, cmd.name)
+            if len(cmd.keys) != len(cmd.refs) or len(set(cmd.keys)) != len(cmd.keys):
+                raise ValueError("a checkpoint needs one distinct name per tensor")
+            tensors = {key: self._tensor(ref) for key, ref in zip(cmd.keys, cmd.refs)}
+            derived = {key: d for key, t in tensors.items() if (d := self.provenance.of(t)) is not None}
+            size = checkpoints.save(path, tensors, derived)
+            self.log.info("%s %s: saved checkpoint %s (%d tensors, %d bytes%s)", self.peer, self.client_id,
+                          path.name, len(tensors), size, ", private-derived" if derived else "")
+            out.append(m.Reply(cmd.req_id, path.name))
+        except _Poisoned as p:
+            out.append(m.Failure(cmd.req_id, None, p.info))
+        except Exception as e:
+            out.append(m.Failure(cmd.req_id, None, to_info(e, op="save on the worker")))
+
+    def _load_checkpoint(self, cmd: m.LoadCheckpoint, out: list) -> None:
+        try:
+            path = checkpoints.path_for(self.checkpoint_dir, cmd.name)
+            if path.is_file():
+                self._check_new_bytes(path.stat().st_size, f"loading {path.name}", before=True)
+            tensors, derived = checkpoints.load(path, self.device)
+            measured = self._check_room(list(tensors.values()), f"loading {path.name}")
+            for k, (key, t) in enumerate(tensors.items()):
+                self._hold(m.ClientRef(cmd.req_id, k), t, measured[k] if measured is not None else False)
+                if key in derived:
+                    self.provenance.watching = True
+                    self.provenance.mark(t, derived[key])
+            out.append(m.Reply(cmd.req_id, (tuple(tensors), tuple(m.TensorMeta.of(t) for t in tensors.values()))))
+        except Exception as e:
+            out.append(m.Failure(cmd.req_id, None, to_info(e, op="load on the worker")))
 
     def _memory(self, cmd: m.MemoryReport, out: list) -> None:
         self._settle()

@@ -64,7 +64,8 @@ class WorkerServer:
                  max_message_bytes: int = m.DEFAULT_MAX_MESSAGE_BYTES,
                  max_client_bytes: int | str | None = None, max_clients: int | None = None,
                  resume_grace: float = DEFAULT_GRACE_S, certfile: str | None = None,
-                 keyfile: str | None = None, allow_code: bool = False, insecure: bool = False,
+                 keyfile: str | None = None, allow_code: bool = False, checkpoint_dir: str | None = None,
+                 insecure: bool = False,
                  verbose: bool = False, log_file: str | None = None,
                  send_to_worker: SendToWorker | None = None) -> None:
         if token is None and not is_loopback(host) and not insecure:
@@ -76,6 +77,9 @@ class WorkerServer:
                 "--allow-code runs code that clients send as this user: it needs a token "
                 "(--token-file or $TORCHREMOTE_TOKEN), so that only clients holding it can")
         self.allow_code = allow_code
+        if checkpoint_dir is not None:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+        self.checkpoint_dir = checkpoint_dir
         self._send_to_worker = send_to_worker  # for moves to other workers
         self.id = id
         self.device = torch.device(device)
@@ -261,7 +265,8 @@ class WorkerServer:
         client_id = f"{_printable(hello.client_name)}#{next(self._client_numbers)}"
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
                           max_client_bytes=self.max_client_bytes, budget=self.budget, allow_code=self.allow_code,
-                          releases=self.releases, is_owner=is_owner, send_to_worker=self._send_to_worker)
+                          releases=self.releases, is_owner=is_owner, send_to_worker=self._send_to_worker,
+                          checkpoint_dir=self.checkpoint_dir)
         state = self._resumable.open(session)
         self.log.info("%s connected as %s%s", peer, client_id, " (owner)" if is_owner else "")
         welcome = protocol.welcome(self.id, client_id, self.max_message_bytes, state.token, self.resume_grace,
