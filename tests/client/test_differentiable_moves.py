@@ -52,3 +52,16 @@ def test_a_pointer_fetched_with_cpu_or_to_passes_gradients_back(bob):
         assert not x.cpu().requires_grad
     assert not x.get().requires_grad  # get() is a copy of the data, never part of a graph
     assert not torch.ones(2).to(bob.device).cpu().requires_grad
+
+
+def test_autograd_grad_from_a_local_copy_back_to_its_pointer(bob):
+    x0 = torch.randn(3, 4)
+    x = x0.clone().send(bob).requires_grad_()
+    local = x0.clone().requires_grad_()
+    for fetch in (lambda t: t.cpu(), lambda t: t.to("cpu", torch.float64)):
+        remote_out = (fetch(x * 2) ** 2).sum()          # worker, then here
+        local_out = (fetch(local * 2) ** 2).sum()
+        (got,) = torch.autograd.grad(remote_out, [x])
+        (expected,) = torch.autograd.grad(local_out, [local])
+        assert torch.allclose(got.get(), expected.to(got.dtype))
+    assert x.grad is None  # autograd.grad hands gradients back; it accumulates nothing

@@ -171,6 +171,9 @@ def _grad(func: Any, args: tuple, kwargs: dict, outputs: Any, inputs: Any, grad_
         return remote_call(func, args, kwargs, sync=True)  # rare forms: the worker answers exactly
     outs = autograd.as_list(outputs)
     grads = autograd.as_list(grad_outputs) or [None] * len(outs)
+    if not all(isinstance(o, RemoteTensor) for o in outs) and not create_graph:  # x.to("cpu") in between
+        allow = materialize_grads if allow_unused is None else allow_unused
+        return bridges.grad_through_local(outs, grads, autograd.as_list(inputs), retain_graph, allow)
     roots = autograd.check_roots(outs, grads)
     seen, _, _ = autograd.walk(roots)
     allow_unused = materialize_grads if allow_unused is None else allow_unused

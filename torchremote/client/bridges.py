@@ -10,6 +10,7 @@ ways, as it is between the CPU and CUDA.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -37,8 +38,40 @@ class _FromWorker(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         remote = ctx.remote
+        sink = getattr(_collecting, "sink", None)
+        if sink is not None:  # inside torch.autograd.grad: the worker's part is taken from here
+            sink.append((remote, grad))
+            return None, None
         torch.autograd.backward([remote], [grad.to(remote.device, remote.dtype)])
         return None, None
+
+
+_collecting = threading.local()
+
+
+def grad_through_local(outputs: list, grad_outputs: list, inputs: list, retain_graph: Any,
+                       allow_unused: bool) -> tuple:
+    """`torch.autograd.grad` of outputs here (made from pointers with `x.to("cpu")`) with respect to
+    pointers: the local part of the graph runs here, up to the links to the worker, and from
+    there the gradients that reach them go on through the worker's graph to `inputs`."""
+    local = [(o, g) for o, g in zip(outputs, grad_outputs) if not isinstance(o, RemoteTensor)]
+    remote = [(o, g) for o, g in zip(outputs, grad_outputs) if isinstance(o, RemoteTensor)]
+    sink: list = []
+    _collecting.sink = sink
+    try:  # the anchor is where every link to a worker starts: only those paths run
+        torch.autograd.grad([o for o, _ in local], [_ANCHOR], [g for _, g in local], retain_graph=retain_graph,
+                            allow_unused=True)
+    finally:
+        del _collecting.sink
+    for pointer, grad in sink:
+        remote.append((pointer, grad.to(pointer.device, pointer.dtype)))
+    if not remote:
+        if allow_unused:
+            return tuple(None for _ in inputs)
+        raise RuntimeError("One of the differentiated Tensors appears to not have been used in the graph. "
+                           "Set allow_unused=True if this is the desired behavior.")
+    return torch.autograd.grad([o for o, _ in remote], inputs, [g for _, g in remote],
+                               retain_graph=retain_graph, allow_unused=allow_unused)
 
 
 def fetched(x: RemoteTensor, value: torch.Tensor) -> torch.Tensor:
