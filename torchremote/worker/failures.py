@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Any, Callable, Iterator
 
 import torch
@@ -124,14 +125,24 @@ def _zeros_like(fake: torch.Tensor, differentiable: list[torch.Tensor], grad_ena
         return zeros + sum(t.sum() for t in differentiable) * 0
 
 
+_quiet = threading.local()
+
+
+class _DuringStandIns(logging.Filter):
+    """Drops torch's log of a failing fake run made by this thread for stand-ins: there it is an
+    answer, not a fault (other threads' records pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_quiet, "on", False)
+
+
+logging.getLogger("torch._subclasses.fake_tensor").addFilter(_DuringStandIns())
+
+
 @contextlib.contextmanager
 def _quiet_fake_errors() -> Iterator[None]:
-    """A fake run that fails is an answer here, not a fault: torch's log of it stays out of the
-    owner's terminal."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    _quiet.on = True
     try:
         yield
     finally:
-        logger.setLevel(level)
+        _quiet.on = False
