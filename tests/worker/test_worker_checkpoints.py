@@ -73,3 +73,16 @@ def test_private_derived_weights_load_back_private_for_anyone(owner):
         with pytest.raises(tr.ApprovalRequired, match="#private"):
             weights["weight"].get()  # a save and a load launder nothing
         assert mallory.memory().held_by(mallory.client_id) == 5 * 4  # loaded tensors count as held
+
+
+def test_a_load_past_the_memory_budget_is_refused_before_it_reads(tmp_path):
+    server = tr.start_worker(id="small", checkpoint_dir=str(tmp_path), max_memory=3 << 19, max_client_bytes=0)
+    try:
+        with tr.connect(server.url) as w:
+            held = torch.zeros(1 << 18).send(w)  # 1 MiB of a 1.5 MiB budget
+            tr.save_on_worker(held, "big")
+            with pytest.raises(torch.OutOfMemoryError, match=r"loading big.safetensors \(checked before it ran\)"):
+                tr.load_on_worker(w, "big")
+            assert server.budget.host.used == 1 << 20
+    finally:
+        server.stop()

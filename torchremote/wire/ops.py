@@ -73,8 +73,6 @@ def name_of(func: Callable) -> str | None:
 
 def short_name(op: str) -> str:
     """'torch.Tensor.add' -> 'add'; an ATen overload ('aten.empty.memory_format') -> its op's name."""
-    if " " in op:  # not an op's name: words, as they are ("loading step-3.safetensors")
-        return op
     parts = op.split(".")
     if len(parts) == 3 and parts[0] in _ATEN_NAMESPACES:
         return parts[1]

@@ -5,9 +5,10 @@ with that same error (reported once, at its root), and unrelated ops in the batc
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
@@ -155,22 +156,18 @@ class Session:
             measured.append(None if key in published else (key, storage.nbytes(), host or self.budget.pool(storage)))
         return measured
 
-    def _check_room(self, tensors: list[torch.Tensor], what: str) -> list | None:
+    def _check_room(self, tensors: list[torch.Tensor], what: str = "", *, op: str = "") -> list | None:
         """After an op: refuse outputs that would take this client or the worker past a limit
-        (`what` names the op; a message is made only for a refusal). Returns what `_measure` says
-        of them, for `_hold`."""
+        (`op`, or `what` in words, names what asked). Returns what `_measure` says of them, for
+        `_hold`."""
         if not self._accounting or not tensors:
             return None
-        if len(tensors) == 1 and self.budget.gpu is None:  # the common case, made cheap
-            storage = tensors[0].untyped_storage()
-            key = storage.data_ptr()
-            if key in self.store.published_storages:
-                return [None]
-            entry = (key, storage.nbytes(), self.budget.host)
-            if key not in self._storages:
-                self._check_pool(entry[2], entry[1], what)
-            return [entry]
         measured = self._measure(tensors)
+        if len(measured) == 1:  # the common case, without the bookkeeping of shared storages
+            entry = measured[0]
+            if entry is not None and entry[0] not in self._storages:
+                self._check_pool(entry[2], entry[1], what, op)
+            return measured
         new: dict[Pool, int] = {}
         seen = set()
         for entry in measured:
@@ -178,23 +175,24 @@ class Session:
                 seen.add(entry[0])
                 new[entry[2]] = new.get(entry[2], 0) + entry[1]
         for pool, n in new.items():
-            self._check_pool(pool, n, what)
+            self._check_pool(pool, n, what, op)
         return measured
 
-    def _check_new_bytes(self, new: int, what: str, device: torch.device | str | None = None,
-                         before: bool = False) -> None:
+    def _check_new_bytes(self, new: int, what: str = "", device: torch.device | str | None = None,
+                         before: bool = False, *, op: str = "") -> None:
         """Refuse, before anything is allocated, `new` bytes more on `device` (the worker's)."""
         if self._accounting and new:
-            pool = self.budget.host if self.budget.gpu is None else self.budget.pool_for(device or self.device)
-            self._check_pool(pool, new, what, before)
+            self._check_pool(self.budget.pool_for(device or self.device), new, what, op, before)
 
-    def _check_pool(self, pool: Pool, new: int, what: str, before: bool = False) -> None:
+    def _check_pool(self, pool: Pool, new: int, what: str, op: str = "", before: bool = False) -> None:
+        """Refuse `new` bytes more in `pool` past the client's limit or the worker's budget. The
+        message names `op` (shortened, only when refusing) or else `what`."""
         limit = self.max_client_bytes
         pending = self._unsettled.get(pool, 0) if self._unsettled else 0
         if (limit is None or self.held_bytes + new <= limit) and \
                 (pool.limit is None or pool.used + pending + new <= pool.limit):
             return
-        what = short_name(what) + (" (checked before it ran)" if before else "")
+        what = (short_name(op) if op else what) + (" (checked before it ran)" if before else "")
         try:
             if limit is not None and self.held_bytes + new > limit:
                 raise torch.OutOfMemoryError(
@@ -392,7 +390,7 @@ class Session:
         try:
             func = run = load(op)
             if out_bytes >= PRECHECK_BYTES:  # smaller outputs: the check after the op suffices
-                self._check_new_bytes(out_bytes, op, before=True)
+                self._check_new_bytes(out_bytes, op=op, before=True)
             args = self._resolve(wire_args, refs, inputs)
             kwargs = self._resolve(wire_kwargs, refs, inputs) if wire_kwargs else wire_kwargs
             if self.provenance.watching:
@@ -428,7 +426,7 @@ class Session:
                         f"only (convert with .to_dense() on the worker first)")
                 if leaf._is_zerotensor():  # autograd's storage-less zeros: held as real ones
                     leaves[k] = torch.zeros_like(leaf)
-            measured = self._check_room(leaves, op)
+            measured = self._check_room(leaves, op=op)
             if derived is not None:
                 self._track(op, derived, leaves, tensors, versions, None if load is ops.resolve else result)
         except _Poisoned as p:  # reported where it happened; only answer if asked
@@ -479,7 +477,7 @@ class Session:
             out.append(m.Failure(None, op_id, failure))
             return True
         try:
-            self._check_room(outcome.outputs, op)
+            self._check_room(outcome.outputs, op=op)
         except torch.OutOfMemoryError as e:  # the stand-ins' sizes are the op's, whatever the values
             self.failed[op_id] = failure = to_info(e, op=op)
             out.append(m.Failure(None, op_id, failure))
@@ -515,8 +513,19 @@ class Session:
                 "this function returned plain values computed from private data: return tensors, and "
                 "request the release of those you need")
 
-    def _fetch(self, cmd: m.Fetch, out: list) -> None:
+    @contextlib.contextmanager
+    def _answering(self, req_id: int, out: list, op: str | None = None) -> Iterator[None]:
+        """A request's failure becomes its answer: an argument's failed op with that op's error,
+        anything else with its own (`op` names what failed)."""
         try:
+            yield
+        except _Poisoned as p:
+            out.append(m.Failure(req_id, None, p.info))
+        except Exception as e:
+            out.append(m.Failure(req_id, None, to_info(e, op=op)))
+
+    def _fetch(self, cmd: m.Fetch, out: list) -> None:
+        with self._answering(cmd.req_id, out):
             t = self._tensor(cmd.ref)
             self._allow_release([(cmd.ref, t)], "get")
             t = t.detach()
@@ -526,10 +535,6 @@ class Session:
             header, chunks = codec.split_for_transfer(t)
             out.append(m.Reply(cmd.req_id, header))
             out.extend(m.Chunk(cmd.req_id, offset, data) for offset, data in chunks)
-        except _Poisoned as p:
-            out.append(m.Failure(cmd.req_id, None, p.info))
-        except Exception as e:
-            out.append(m.Failure(cmd.req_id, None, to_info(e)))
 
     def _release(self, cmd: m.Release, out: list) -> None:
         for ref in cmd.refs:
@@ -552,7 +557,7 @@ class Session:
 
     # --- checkpoints on the worker's disk (checkpoints.py) ---
     def _save_checkpoint(self, cmd: m.SaveCheckpoint, out: list) -> None:
-        try:
+        with self._answering(cmd.req_id, out, "save on the worker"):
             path = checkpoints.path_for(self.checkpoint_dir, cmd.name)
             if len(cmd.keys) != len(cmd.refs) or len(set(cmd.keys)) != len(cmd.keys):
                 raise ValueError("a checkpoint needs one distinct name per tensor")
@@ -562,13 +567,9 @@ class Session:
             self.log.info("%s %s: saved checkpoint %s (%d tensors, %d bytes%s)", self.peer, self.client_id,
                           path.name, len(tensors), size, ", private-derived" if derived else "")
             out.append(m.Reply(cmd.req_id, path.name))
-        except _Poisoned as p:
-            out.append(m.Failure(cmd.req_id, None, p.info))
-        except Exception as e:
-            out.append(m.Failure(cmd.req_id, None, to_info(e, op="save on the worker")))
 
     def _load_checkpoint(self, cmd: m.LoadCheckpoint, out: list) -> None:
-        try:
+        with self._answering(cmd.req_id, out, "load on the worker"):
             path = checkpoints.path_for(self.checkpoint_dir, cmd.name)
             if path.is_file():
                 self._check_new_bytes(path.stat().st_size, f"loading {path.name}", before=True)
@@ -580,8 +581,6 @@ class Session:
                     self.provenance.watching = True
                     self.provenance.mark(t, derived[key])
             out.append(m.Reply(cmd.req_id, (tuple(tensors), tuple(m.TensorMeta.of(t) for t in tensors.values()))))
-        except Exception as e:
-            out.append(m.Failure(cmd.req_id, None, to_info(e, op="load on the worker")))
 
     def _memory(self, cmd: m.MemoryReport, out: list) -> None:
         self._settle()
@@ -597,7 +596,7 @@ class Session:
                                                                    self._hold_handed_over)))
 
     def _push(self, cmd: m.Push, out: list) -> None:
-        try:
+        with self._answering(cmd.req_id, out, "move"):
             if self.send_to_worker is None:
                 raise RuntimeError(f"worker {self.store.owner!r} cannot reach other workers: it was started "
                                    f"without a client to send with (use torchremote.start_worker)")
@@ -606,10 +605,6 @@ class Session:
             # the source acts as a client of the destination
             self.send_to_worker(cmd.url, cmd.token, f"{self.store.owner}-move", t.detach(), cmd.ticket)
             out.append(m.Reply(cmd.req_id, None))
-        except _Poisoned as p:
-            out.append(m.Failure(cmd.req_id, None, p.info))
-        except Exception as e:
-            out.append(m.Failure(cmd.req_id, None, to_info(e, op="move")))
 
     def _handover(self, cmd: m.Handover, out: list) -> None:
         try:
