@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..wire import codec, ops
 from ..wire import messages as m
 from ..wire.errors import published_read_only
-from . import arguments, autograd, inference, registry, tensor
+from . import activation_checkpoints, arguments, autograd, inference, registry, tensor
 from . import device as devices
 from .device import BACKEND
 from .inference import NO_GRAD
@@ -112,13 +112,20 @@ def _remote(func: Callable, flat: list, spec: Any, worker: "Session | None" = No
         _refuse_custom_function_ops(flat)
         return _decompose(func, flat, spec)
     if grad and not torch.is_grad_enabled():  # pointers that require grad, under no_grad
-        refuse_inside_custom_function()
+        reentrant = activation_checkpoints.enter_reentrant()
+        if reentrant:  # the forward of a reentrant checkpoint: recorded with grad, in its region
+            with torch.enable_grad():
+                worker, key, grad = _scan(func, name, flat, spec, worker)
+                return _call(worker, func, name, flat, spec, key, grad)
+        if reentrant is None:
+            refuse_inside_custom_function()
     return _call(worker, func, name, flat, spec, key, grad)
 
 
 def _refuse_custom_function_ops(flat: list) -> None:
     if not torch.is_grad_enabled() and any(isinstance(a, RemoteTensor) and a._rg for a in flat):
-        refuse_inside_custom_function()
+        if activation_checkpoints.enter_reentrant() is None:  # its ATen ops meet it there
+            refuse_inside_custom_function()
 
 
 _PLAIN = frozenset({RemoteTensor, float, bool, type(None), torch.dtype})  # nothing to check

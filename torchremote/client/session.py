@@ -30,6 +30,7 @@ from ..wire.ops import SET_GRADS_NONE
 from ..wire.protocol import ClientProtocol
 from ..wire.websocket import WebSocket, open_client
 from . import codepickle
+from .activation_checkpoints import region_of_this_call
 from . import device as devices
 from .connection import ClientConnection, open_connection, send_chunks
 from .progress import transfer_bar
@@ -73,6 +74,8 @@ class Session:
         self._protocol = ClientProtocol(name or f"client-{os.getpid()}", token)
         self._lock = threading.RLock()        # the protocol's state: held only to queue or take
         self._grads_to_reset: list = []  # pointers whose `.grad = None` is sent as one op before the next
+        self._region: object | None = None  # the activation-checkpointing region the last op ran in
+        self._regions = 0  # regions numbered for the worker
         self._pending: dict[int, Future] = {}
         self._deferred: list[m.Failure] = []
         self._call_sites: list = [None] * CALL_SITES  # op_id % CALL_SITES -> (op_id, code, line)
@@ -270,6 +273,7 @@ class Session:
         with self._lock:
             self._check_open()
             self._queue_grad_resets()
+            self._mark_region()
             op_id = self._protocol.call(op, args, kwargs, reply=False, grad_enabled=torch.is_grad_enabled(),
                                         autocast=autocast_dtype(), nbytes=nbytes, out_bytes=out_bytes)
             full = self._protocol.pending_commands >= MAX_QUEUED_COMMANDS
@@ -335,6 +339,15 @@ class Session:
             self._grads_to_reset = []
             self._protocol.call(SET_GRADS_NONE, refs, {}, reply=False, grad_enabled=False)
 
+    def _mark_region(self) -> None:
+        """Tell the worker when ops start running in another activation-checkpointing region."""
+        region = region_of_this_call()
+        if region is not self._region:
+            self._region = region
+            if region is not None:
+                self._regions += 1
+            self._protocol.checkpoint_region(0 if region is None else self._regions)
+
     def _release(self, ref: m.ClientRef) -> None:
         if self._closed is None:
             self._protocol.release(ref)
@@ -350,6 +363,7 @@ class Session:
         with self._lock:
             self._check_open()
             self._queue_grad_resets()
+            self._mark_region()
             req_id = queue()
             future = self._pending[req_id] = Future()
         self._flush()

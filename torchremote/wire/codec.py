@@ -393,6 +393,7 @@ _FIELD_CHECKS: dict[type, tuple] = {
     m.SaveCheckpoint: (_is_int, _of(str), _is_str_tuple,
                        lambda v: type(v) is tuple and all(type(r) in (m.ClientRef, m.PublishedRef) for r in v)),
     m.LoadCheckpoint: (_is_int, _of(str)),
+    m.CheckpointRegion: (_is_count,),
     m.MemoryInfo: (_is_str_tuple, _is_shape, _is_shape, _is_str_tuple, _is_shape, _is_count, _is_shape),
     m.Decide: (_is_int, _is_int, _of(bool), _of(str)),
     m.ReleaseInfo: (_is_int, _of(str), _of(str), _of(str), _is_shape, _of(torch.dtype), _is_int, _of(str), _is_int,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAGIC = b"TRM2"                      # first bytes of every frame (and the wire version)
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -301,6 +301,13 @@ class LoadCheckpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointRegion:
+    """The client's ops from here on run in activation-checkpointing region `region` (0: in none).
+    What they save for backward is not kept: backward recomputes it by running them again."""
+    region: int
+
+
+@dataclass(frozen=True, slots=True)
 class ManualSeed:
     req_id: int
     seed: int
@@ -426,7 +433,7 @@ class Failure:
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
     PutBegin, Chunk, Run, Expect, Push, Handover, Ack, RequestRelease, ReleaseStatus, ListReleases, Decide,
-    MemoryReport, SaveCheckpoint, LoadCheckpoint,
+    MemoryReport, SaveCheckpoint, LoadCheckpoint, CheckpointRegion,
 )
 VALUE_TYPES: tuple[type, ...] = (
     TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor, ReleaseInfo, MemoryInfo,

@@ -93,6 +93,10 @@ class ClientProtocol:
         self._queue(m.Run(op_id, code, args, kwargs, grad_enabled, autocast), nbytes + len(code))
         return op_id
 
+    def checkpoint_region(self, region: int) -> None:
+        """The ops queued from now on run in activation-checkpointing region `region` (0: none)."""
+        self._queue(m.CheckpointRegion(region))
+
     @property
     def token(self) -> str | None:
         return self._token
@@ -205,7 +209,8 @@ class ServerProtocol:
 
     _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync,
                  m.PutBegin, m.Chunk, m.Run, m.Expect, m.Push, m.Handover, m.Ack, m.RequestRelease,
-                 m.ReleaseStatus, m.ListReleases, m.Decide, m.MemoryReport, m.SaveCheckpoint, m.LoadCheckpoint)
+                 m.ReleaseStatus, m.ListReleases, m.Decide, m.MemoryReport, m.SaveCheckpoint, m.LoadCheckpoint,
+                 m.CheckpointRegion)
 
     def receive_hello(self, data: bytes) -> m.Hello:
         items = codec.decode(data)

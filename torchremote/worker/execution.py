@@ -20,6 +20,7 @@ from ..wire.errors import WorkerPermissionError, to_info
 from ..wire.messages import REMOTE_DEVICE_TYPE as _REMOTE, object_id
 from .provenance import BACKWARD_OPS, Derived, Provenance
 from . import checkpoints, failures
+from .activation_checkpoints import Region
 from .budget import MemoryBudget, Pool, describe
 from .read_only import ReadOnlyGuard, own_alias, touches
 from .releases import ReleaseDesk, ReleasedFailure
@@ -86,7 +87,9 @@ class Session:
             m.RequestRelease: self._request_release, m.ReleaseStatus: self._release_status,
             m.ListReleases: self._list_releases, m.Decide: self._decide, m.MemoryReport: self._memory,
             m.SaveCheckpoint: self._save_checkpoint, m.LoadCheckpoint: self._load_checkpoint,
+            m.CheckpointRegion: self._checkpoint_region,
         }
+        self._region: Region | None = None  # the client's activation-checkpointing region, if in one
         self._incoming: dict[int, tuple[codec.Assembly, bool, str]] = {}
         self._aliases: dict[int, torch.Tensor] = {}  # published object -> this session's alias of it
         # what this session may not write into (the owner's own sessions may)
@@ -403,15 +406,17 @@ class Session:
             protected = self._protected
             if protected and (load is not ops.resolve or touches(protected, inputs.values())):
                 run = _guarded(func, protected, short_name(op))
+            region = self._region
             running = True
-            if autocast is not None:
-                with torch.set_grad_enabled(grad_enabled), torch.autocast(self.device.type, autocast):
+            with region.hooks() if region is not None else contextlib.nullcontext():
+                if autocast is not None:
+                    with torch.set_grad_enabled(grad_enabled), torch.autocast(self.device.type, autocast):
+                        result = run(*args, **kwargs)
+                elif grad_enabled is torch.is_grad_enabled():
                     result = run(*args, **kwargs)
-            elif grad_enabled is torch.is_grad_enabled():
-                result = run(*args, **kwargs)
-            else:
-                with torch.set_grad_enabled(grad_enabled):
-                    result = run(*args, **kwargs)
+                else:
+                    with torch.set_grad_enabled(grad_enabled):
+                        result = run(*args, **kwargs)
             running = False
             if isinstance(result, torch.Tensor):
                 leaves = [result]
@@ -426,6 +431,8 @@ class Session:
                         f"only (convert with .to_dense() on the worker first)")
                 if leaf._is_zerotensor():  # autograd's storage-less zeros: held as real ones
                     leaves[k] = torch.zeros_like(leaf)
+            if region is not None:
+                region.record(run, args, kwargs, grad_enabled, autocast, leaves)
             measured = self._check_room(leaves, op=op)
             if derived is not None:
                 self._track(op, derived, leaves, tensors, versions, None if load is ops.resolve else result)
@@ -546,6 +553,9 @@ class Session:
 
     def _list(self, cmd: m.ListObjects, out: list) -> None:
         out.append(m.Reply(cmd.req_id, self.store.rows(self.client_id)))
+
+    def _checkpoint_region(self, cmd: m.CheckpointRegion, out: list) -> None:
+        self._region = Region(self.device) if cmd.region else None
 
     def _seed(self, cmd: m.ManualSeed, out: list) -> None:
         # this machine's own generators only: torch.manual_seed would also seed the workers this
