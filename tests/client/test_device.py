@@ -3,6 +3,7 @@ registered, so no call aborts the process; `torch.remote` answers what `torch.cu
 factories honour `requires_grad`; torch.func transforms run on pointers and equal local."""
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -133,6 +134,43 @@ def test_torch_func_transforms_on_pointers_equal_local():
     """)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() in ("remote:1 refused: True", "remote:1 ran")
+
+
+def test_forward_mode_ad_on_pointers_equals_local(bob):
+    """Tangents ride along on the client, as torch's C++ attaches them, and each tangent formula's
+    ops run on the worker: torch.func.jvp, a jvp through functional_call, and fwAD.dual_level."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, jvp
+
+    x, v = torch.randn(3, 3), torch.randn(3, 3)
+    rx, rv = x.send(bob), v.send(bob)
+    for f in (torch.sin, torch.exp, torch.tanh, lambda t: t.sum(), lambda t: t.T @ t,
+              lambda t: t + t, lambda t: t.T.sin(), lambda t: t.view(9).cos()):
+        (want, want_t), (out, out_t) = jvp(f, (x,), (v,)), jvp(f, (rx,), (rv,))
+        assert isinstance(out_t, tr.RemoteTensor)
+        torch.testing.assert_close(out.get(), want)
+        torch.testing.assert_close(out_t.get(), want_t)
+
+    model = torch.nn.Linear(3, 2)
+    remote_model = tr.send(copy.deepcopy(model), bob)
+    params, remote_params = dict(model.named_parameters()), dict(remote_model.named_parameters())
+    ones = {k: torch.ones_like(p) for k, p in params.items()}
+    want = jvp(lambda p: functional_call(model, p, (x,)), (params,), (ones,))
+    got = jvp(lambda p: functional_call(remote_model, p, (rx,)), (remote_params,),
+              ({k: t.send(bob) for k, t in ones.items()},))
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g.get(), w)
+
+    with fwAD.dual_level():
+        _, tangent = fwAD.unpack_dual(fwAD.make_dual(rx, rv).sin() * rx)
+        _, want_t = fwAD.unpack_dual(fwAD.make_dual(x, v).sin() * x)
+    torch.testing.assert_close(tangent.get(), want_t)
+
+
+def test_tracing_transforms_refuse_pointers_clearly(bob):
+    """make_fx would record the client's own bookkeeping, not the worker's ops: refused by name."""
+    with pytest.raises(NotImplementedError, match="make_fx cannot trace RemoteTensors"):
+        torch.func.linearize(torch.sin, torch.randn(3).send(bob))
 
 
 def test_torch_remote_answers_what_torch_cuda_users_call():

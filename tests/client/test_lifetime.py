@@ -63,8 +63,8 @@ def test_published_data_is_never_freed_by_clients(fresh_server):
     assert (x + 1).get().equal(torch.full((3,), 2.))
     del x
     gc.collect()
-    bob.close()
-    assert [r.id for r in fresh_server.objects()] == ["p1"]
+    bob.close()  # the worker frees the session's objects once it sees the connection close
+    assert wait_until(lambda: [r.id for r in fresh_server.objects()] == ["p1"])
     assert tr.connect(fresh_server.url).search("#X")[0].get().equal(torch.ones(3))
 
 

@@ -333,3 +333,12 @@ def _grad_set(func: Any, args: tuple, kwargs: dict) -> None:
         queue(func, args, kwargs)
 
 
+
+
+@implements(torch._VF._make_dual, torch._VF._unpack_dual)
+def _forward_ad_here(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Forward-mode AD is kept on the client, as reverse mode's graph of pointers is: torch's C++
+    attaches the tangent pointer to the primal pointer, and each op's tangent formula is made of
+    ops that run on the worker."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)

@@ -14,6 +14,7 @@ import types
 from typing import Any, Callable
 
 import torch
+from torch.autograd import forward_ad
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..wire import codec, ops
@@ -97,6 +98,11 @@ def _to_wire(flat: list) -> tuple[list, int]:
 
 
 def _remote(func: Callable, flat: list, spec: Any, worker: "Session | None" = None) -> Any:
+    if forward_ad._current_level >= 0 and not isinstance(func, torch._ops.OpOverload):
+        # inside fwAD.dual_level(): torch's C++ carries the tangents, with ops on the pointers
+        args, kwargs = _unflatten(flat, spec)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
     name = ops.name_of(func)
     if name is None:
         _refuse_custom_function_ops(flat)
@@ -104,6 +110,14 @@ def _remote(func: Callable, flat: list, spec: Any, worker: "Session | None" = No
         return _decompose(func, flat, spec)
     try:
         worker, key, grad = _scan(func, name, flat, spec, worker)
+    except _WrappedPointer:
+        if isinstance(func, torch._ops.OpOverload):
+            raise
+        # a torch.func transform's wrapper around a pointer: torch's C++ unwraps it, level by
+        # level, and the ATen ops beneath reach `__torch_dispatch__` with the pointers themselves
+        args, kwargs = _unflatten(flat, spec)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
     except codec.EncodeError:
         if not isinstance(func, types.FunctionType):
             raise
@@ -142,8 +156,15 @@ def _check_sendable(name: str, flat: list) -> None:
             codec.check_sendable(a)
 
 
+class _WrappedPointer(RuntimeError):
+    """A tensor on a remote device that is not a RemoteTensor: a torch.func transform's wrapper."""
+
+
 def _check_local_tensor(name: str, t: torch.Tensor) -> None:
     """A local tensor operand, which travels with its op."""
+    if t.device.type == BACKEND:
+        raise _WrappedPointer(f"{name}: a {type(t).__qualname__} on {t.device} that is not a "
+                              f"RemoteTensor (a torch.func transform's wrapper) cannot be sent as data")
     if t.device.type == "meta":
         raise RuntimeError(f"{name}: a meta tensor has no data to send to a worker")
     codec.check_sendable(t)

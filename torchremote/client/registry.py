@@ -26,6 +26,7 @@ LOCAL_QUERIES: frozenset = frozenset({
     _T.is_conj, _T.is_neg, _T.is_inference, _T.__len__, _T.dim_order,
     torch.numel, torch.is_conj, torch.is_neg,
     torch.is_inference, torch.is_same_size, torch.result_type,
+    torch.ops.aten._has_same_storage_numel.default,  # forward AD: may a tangent be used as it is
 })
 
 # --- the few calls that need their own implementation: `@implements(func)` -----------------------

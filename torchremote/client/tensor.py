@@ -24,6 +24,7 @@ def _no_dispatcher(func: Callable, args: tuple, kwargs: dict) -> Any:
 
 
 _dispatch: Callable[[Callable, tuple, dict], Any] = _no_dispatcher
+_PROXY = torch._C._TorchDispatchModeKey.PROXY  # make_fx is tracing
 
 
 def use_dispatcher(dispatch: Callable[[Callable, tuple, dict], Any]) -> None:
@@ -193,6 +194,11 @@ class RemoteTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if torch._C._get_dispatch_mode(_PROXY) is not None:
+            raise NotImplementedError(
+                f"{func}: make_fx cannot trace RemoteTensors as they are (torch.func.linearize and "
+                f"other tracing transforms record this client's bookkeeping, not the worker's "
+                f"ops); use torch.func.jvp, or trace a function of local tensors")
         result = _dispatch(func, args, kwargs or {})
         # reached from torch's C++ (a factory's kernels, for one), which may set requires_grad next
         return made_by_factory(result) if type(result) is RemoteTensor else result
