@@ -9,6 +9,8 @@ Where code runs: `client/` in the user's process, `worker/` in the worker's, `wi
 """
 from . import client as _client  # noqa: F401  (registers the `remote` device and the dispatcher)
 from .client.checkpoints import load_on_worker, save_on_worker
+from .client.collectives import Group, all_gather, all_reduce_, broadcast_, group
+from .client.data_parallel import average_gradients, replicate
 from .client.handle import Worker, connect
 from .client.module import get, on, send
 from .client.remote_code import remote
@@ -21,9 +23,18 @@ from .worker.server import WorkerServer
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "ray":  # fleets on Ray: imported when asked for (Ray is an optional extra)
+        import importlib
+
+        return importlib.import_module(".fleet", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get", "on", "remote",
     "save_on_worker", "load_on_worker",
+    "Group", "group", "all_reduce_", "broadcast_", "all_gather", "replicate", "average_gradients",
     "TorchRemoteError", "WorkerConnectionError", "WorkerPermissionError", "ProtocolError",
     "RemoteError", "ApprovalRequired",
 ]

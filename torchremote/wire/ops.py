@@ -118,6 +118,14 @@ def _set_grads_none(*tensors: torch.Tensor) -> None:
 
 _BUILTINS: dict[str, Callable] = {GRADS_OF: _grads_of, SET_GRADS_NONE: _set_grads_none}
 
+# --- collectives between workers: run by the worker's process groups (worker/collectives.py) ------
+HOST_GROUP_STORE = "torchremote.host_group_store"
+JOIN_GROUP = "torchremote.join_group"
+LEAVE_GROUP = "torchremote.leave_group"
+ALL_REDUCE = "torchremote.all_reduce_"
+BROADCAST = "torchremote.broadcast_"
+ALL_GATHER = "torchremote.all_gather"
+
 
 def resolve(name: str) -> Callable:
     """The callable a name stands for, if the worker may run it; else `WorkerPermissionError`."""

@@ -19,7 +19,8 @@ from ..wire import messages as m
 from ..wire.errors import WorkerPermissionError, to_info
 from ..wire.messages import REMOTE_DEVICE_TYPE as _REMOTE, object_id
 from .provenance import BACKWARD_OPS, Derived, Provenance
-from . import checkpoints, failures
+from . import checkpoints, collectives, failures
+from .collectives import Groups
 from .activation_checkpoints import Region
 from .budget import MemoryBudget, Pool, describe
 from .read_only import ReadOnlyGuard, own_alias, touches
@@ -54,8 +55,9 @@ class Session:
                  max_client_bytes: int | None = None, budget: MemoryBudget | None = None,
                  allow_code: bool = False, releases: ReleaseDesk | None = None, is_owner: bool = False,
                  checkpoint_dir: str | None = None,
-                 send_to_worker: SendToWorker | None = None) -> None:
+                 send_to_worker: SendToWorker | None = None, groups: Groups | None = None) -> None:
         self.store = store
+        self._worker_ops = groups.ops() if groups is not None else {}  # collectives between workers
         self.send_to_worker = send_to_worker
         self.client_id = client_id
         self.device = torch.device(device)
@@ -375,7 +377,9 @@ class Session:
         return cloudpickle.loads(code)
 
     def _call(self, cmd: m.Call, out: list) -> None:
-        self._execute(cmd.op_id, cmd.op, ops.resolve, cmd.args, cmd.kwargs,
+        worker_op = self._worker_ops.get(cmd.op) if type(cmd.op) is str else None
+        load = ops.resolve if worker_op is None else lambda _: worker_op
+        self._execute(cmd.op_id, cmd.op, load, cmd.args, cmd.kwargs,
                       cmd.grad_enabled, cmd.autocast, reply=cmd.reply, out=out, out_bytes=cmd.out_bytes)
 
     def _execute(self, op_id: int, op: str, load: Callable[[str], Callable], wire_args: tuple,
@@ -403,6 +407,11 @@ class Session:
                     versions = [t._version for t in tensors]
                     if reply and load is ops.resolve:  # a value, or a data-dependent shape: a release
                         self._allow_release(zip(refs.values(), tensors), short_name(op))  # all it reads
+                    elif op in collectives.RELEASES:  # its input leaves for the other workers
+                        try:
+                            self._allow_release(zip(refs.values(), tensors), "a collective with other workers")
+                        except WorkerPermissionError as e:  # every rank is told, so none waits for this one
+                            kwargs = {**kwargs, "refusal": e}
             protected = self._protected
             if protected and (load is not ops.resolve or touches(protected, inputs.values())):
                 run = _guarded(func, protected, short_name(op))

@@ -32,6 +32,7 @@ from . import published_files
 from .connection import Listener, ServedConnection
 from . import budget
 from .budget import MemoryBudget
+from .collectives import Groups
 from .execution import SendToWorker, Session
 from .releases import ReleaseDesk, ReleaseRequest
 from .sessions import ResumableSession, SessionTable
@@ -118,6 +119,7 @@ class WorkerServer:
         self._listener = Listener(host, port, self._handle, tls=tls, max_size=max_message_bytes, name=id)
         self.host = host
         self.port: int = self._listener.port
+        self.groups = Groups(host)  # the process groups with other workers that clients formed
         if self.resume_grace > 0:
             threading.Thread(target=self._expire_dropped_sessions, name=f"torchremote-expiry-{id}",
                              daemon=True).start()
@@ -221,6 +223,7 @@ class WorkerServer:
         self._stopped.set()
         self._listener.stop()
         self._resumable.close()
+        self.groups.close()
         self.log.info("worker %r stopped", self.id)
 
     def __enter__(self) -> "WorkerServer":
@@ -266,7 +269,7 @@ class WorkerServer:
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
                           max_client_bytes=self.max_client_bytes, budget=self.budget, allow_code=self.allow_code,
                           releases=self.releases, is_owner=is_owner, send_to_worker=self._send_to_worker,
-                          checkpoint_dir=self.checkpoint_dir)
+                          checkpoint_dir=self.checkpoint_dir, groups=self.groups)
         state = self._resumable.open(session)
         self.log.info("%s connected as %s%s", peer, client_id, " (owner)" if is_owner else "")
         welcome = protocol.welcome(self.id, client_id, self.max_message_bytes, state.token, self.resume_grace,
