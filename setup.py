@@ -13,7 +13,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "psutil>=5.9", "numpy>=1.26",
                  "trustme>=1.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
-                 "expecttest>=0.2", "transformers>=4.40"],
+                 "expecttest>=0.2", "transformers>=4.40", "ray>=2.9"],
+        "ray": ["ray>=2.9"],
         "bench": ["matplotlib>=3.7", "psutil>=5.9", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["torchremote=torchremote.cli:main"]},

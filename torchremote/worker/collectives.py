@@ -54,7 +54,7 @@ class Groups:
     def host_store(self, name: str, world: int) -> int:
         """Start the rendezvous store for `name` on this worker; its port, for the other ranks."""
         _check_name(name)
-        store = dist.TCPStore("0.0.0.0", 0, world, True, wait_for_workers=False, timeout=_timeout())
+        store = dist.TCPStore(self.host, 0, world, True, wait_for_workers=False, timeout=_timeout())
         with self._lock:
             self._stores[name] = store
         return store.port
