@@ -103,15 +103,17 @@ def test_a_collective_takes_one_tensor_per_worker(workers):
 
 
 def test_replicate_sends_the_model_once_and_broadcasts_it(workers, monkeypatch):
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 64))
+    model[2].weight = model[0].weight  # tied weights stay tied on every replica
     tr.group(workers)
     spy = SentBytes(workers, monkeypatch)
     replicas = tr.replicate(model, workers)
     for w in workers:
         w.sync()
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     assert nbytes < spy.total < 2 * nbytes  # once, not four times
     for replica in replicas:
+        assert replica[2].weight is replica[0].weight
         for (name, got), want in zip(replica.state_dict().items(), model.state_dict().values()):
             assert torch.equal(got.get(), want), name
     assert all(p.device.type == "cpu" for p in model.parameters())  # the model itself is left here

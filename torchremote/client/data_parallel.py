@@ -25,8 +25,7 @@ def replicate(model: nn.Module, workers: Sequence[Session], group: Group | None 
     first = send(copy.deepcopy(model), workers[0])
     replicas = [first]
     for w in workers[1:]:
-        replica = copy.deepcopy(model).to("meta")  # the structure, without copying any data here
-        replicas.append(replica.to_empty(device=w.device))
+        replicas.append(_empty_copy(model, w))
     if len(workers) > 1:
         tensors = [_state(r) for r in replicas]
         g = group if group is not None else _group_of([t[0] for t in tensors], None)
@@ -55,6 +54,23 @@ def average_gradients(replicas: Sequence[nn.Module], group: Group | None = None,
                 n = t.numel()
                 t.copy_(flat[offset:offset + n].view_as(t))
                 offset += n
+
+
+def _empty_copy(model: nn.Module, worker: Session) -> nn.Module:
+    """`model`'s structure with empty tensors on `worker`: a tensor shared by two modules (tied
+    weights) is one tensor there too (`to_empty` would make two)."""
+    replica = copy.deepcopy(model)
+    made: dict[int, torch.Tensor] = {}
+    for module in replica.modules():
+        for name, p in list(module.named_parameters(recurse=False, remove_duplicate=False)):
+            if id(p) not in made:
+                made[id(p)] = nn.Parameter(torch.empty_like(p, device=worker.device), requires_grad=p.requires_grad)
+            setattr(module, name, made[id(p)])
+        for name, b in list(module.named_buffers(recurse=False, remove_duplicate=False)):
+            if id(b) not in made:
+                made[id(b)] = torch.empty_like(b, device=worker.device)
+            setattr(module, name, made[id(b)])
+    return replica
 
 
 def _state(module: nn.Module) -> list[torch.Tensor]:
