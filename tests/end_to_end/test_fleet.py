@@ -3,6 +3,7 @@ and grouped; an actor's death is a clear error, then a restart; collectives and 
 training across the fleet; nothing left behind."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import sys
@@ -48,7 +49,10 @@ def test_a_fleet_starts_publishes_reduces_and_stops_clean(cluster, tmp_path):
 def test_a_dead_actor_is_a_connection_error_then_a_restart(cluster):
     with tr.ray.start_workers(2, num_cpus=1, host="127.0.0.1") as fleet:
         x = torch.ones(3).send(fleet.workers[1])
-        ray.kill(fleet.actor(1))
+        pid = ray.get(fleet.actor(1).pid.remote())
+        ray.kill(fleet.actor(1))  # asynchronous: wait until its process is gone
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.wait_procs([psutil.Process(pid)], timeout=30)
         with pytest.raises(tr.WorkerConnectionError):
             (x + 1).get()
         fresh = fleet.restart(1)
