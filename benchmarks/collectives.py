@@ -44,18 +44,12 @@ dist.destroy_process_group()
 
 
 def _gloo(world: int, nbytes: int, reps: int) -> float:
-    port = _free_port()
+    from benchmarks.bench import free_port  # here: bench imports this module
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", GLOO, str(r), str(world), str(port), str(nbytes // 4), str(reps)],
                               stdout=subprocess.PIPE, text=True, env=ENV) for r in range(world)]
     out = [p.communicate(timeout=300)[0] for p in procs]
     return json.loads(out[0])
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ClientBytes:

@@ -115,3 +115,33 @@ def tiny_gpt2():
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config)
+
+
+def assert_data_parallel_equals_one_model(model, workers, make_optimizer, steps=10, features=8, group=None):
+    """Train replicas of `model` on `workers`, each on its part of every batch, gradients averaged
+    between them; and a copy of `model` here on the whole batches: the weights must agree."""
+    import copy
+
+    import torch.nn.functional as F
+
+    import torchremote as tr
+
+    n = len(workers)
+    whole = copy.deepcopy(model)
+    replicas = tr.replicate(model, workers, group=group)
+    optimizers = [make_optimizer(r.parameters()) for r in replicas]
+    optimizer = make_optimizer(whole.parameters())
+    for _ in range(steps):
+        x, y = torch.randn(8 * n, features), torch.randn(8 * n, 1)
+        for replica, opt, xs, ys, w in zip(replicas, optimizers, x.chunk(n), y.chunk(n), workers):
+            opt.zero_grad()
+            F.mse_loss(replica(xs.send(w)), ys.send(w)).backward()
+        tr.average_gradients(replicas, group=group)
+        for opt in optimizers:
+            opt.step()
+        optimizer.zero_grad()
+        F.mse_loss(whole(x), y).backward()
+        optimizer.step()
+    for replica in replicas:
+        for got, want in zip(replica.parameters(), whole.parameters()):
+            torch.testing.assert_close(got.get(), want, atol=1e-5, rtol=1e-4)

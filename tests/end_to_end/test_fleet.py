@@ -4,17 +4,16 @@ training across the fleet; nothing left behind."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import subprocess
 import sys
 
 import psutil
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import torchremote as tr
+from conftest import assert_data_parallel_equals_one_model
 
 ray = pytest.importorskip("ray")
 
@@ -65,25 +64,9 @@ def test_a_dead_actor_is_a_connection_error_then_a_restart(cluster):
 def test_data_parallel_on_a_fleet_equals_one_model(cluster):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-    whole = copy.deepcopy(model)
     with tr.ray.start_workers(2, num_cpus=1, host="127.0.0.1") as fleet:
-        replicas = tr.replicate(model, fleet.workers, group=fleet.group)
-        optimizers = [torch.optim.SGD(r.parameters(), lr=0.1) for r in replicas]
-        optimizer = torch.optim.SGD(whole.parameters(), lr=0.1)
-        for _ in range(10):
-            x, y = torch.randn(16, 6), torch.randn(16, 1)
-            for replica, opt, xs, ys, w in zip(replicas, optimizers, x.chunk(2), y.chunk(2), fleet.workers):
-                opt.zero_grad()
-                F.mse_loss(replica(xs.send(w)), ys.send(w)).backward()
-            tr.average_gradients(replicas, group=fleet.group)
-            for opt in optimizers:
-                opt.step()
-            optimizer.zero_grad()
-            F.mse_loss(whole(x), y).backward()
-            optimizer.step()
-        for replica in replicas:
-            for got, want in zip(replica.parameters(), whole.parameters()):
-                torch.testing.assert_close(got.get(), want, atol=1e-5, rtol=1e-4)
+        assert_data_parallel_equals_one_model(model, fleet.workers, lambda p: torch.optim.SGD(p, lr=0.1),
+                                              features=6, group=fleet.group)
 
 
 def test_a_fleet_needs_ray_initialised():

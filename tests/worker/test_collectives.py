@@ -3,14 +3,13 @@ private input is refused on every rank (none left waiting), and data-parallel tr
 4 workers equals one model trained on the whole batches."""
 from __future__ import annotations
 
-import copy
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import torchremote as tr
+from conftest import assert_data_parallel_equals_one_model
 
 
 @pytest.fixture
@@ -123,21 +122,4 @@ def test_replicate_sends_the_model_once_and_broadcasts_it(workers, monkeypatch):
 def test_data_parallel_training_equals_one_model_on_the_whole_batches(workers, n):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    whole = copy.deepcopy(model)
-    replicas = tr.replicate(model, workers[:n])
-    optimizers = [torch.optim.AdamW(r.parameters(), lr=1e-2) for r in replicas]
-    optimizer = torch.optim.AdamW(whole.parameters(), lr=1e-2)
-    for _ in range(10):
-        x, y = torch.randn(8 * n, 8), torch.randn(8 * n, 1)
-        for replica, opt, xs, ys, w in zip(replicas, optimizers, x.chunk(n), y.chunk(n), workers):
-            opt.zero_grad()
-            F.mse_loss(replica(xs.send(w)), ys.send(w)).backward()
-        tr.average_gradients(replicas)
-        for opt in optimizers:
-            opt.step()
-        optimizer.zero_grad()
-        F.mse_loss(whole(x), y).backward()
-        optimizer.step()
-    for replica in replicas:
-        for got, want in zip(replica.parameters(), whole.parameters()):
-            torch.testing.assert_close(got.get(), want, atol=1e-5, rtol=1e-4)
+    assert_data_parallel_equals_one_model(model, workers[:n], lambda p: torch.optim.AdamW(p, lr=1e-2))
