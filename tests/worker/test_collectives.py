@@ -123,3 +123,16 @@ def test_data_parallel_training_equals_one_model_on_the_whole_batches(workers, n
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     assert_data_parallel_equals_one_model(model, workers[:n], lambda p: torch.optim.AdamW(p, lr=1e-2))
+
+
+def test_a_rank_whose_input_failed_earlier_does_not_leave_the_others_waiting(workers):
+    xs = [torch.ones(3).send(w) for w in workers]
+    tr.group(workers)
+    bad = torch.ones(2).send(workers[1])[torch.tensor([5]).send(workers[1])]  # fails on the worker
+    xs[1] = xs[1] + bad.sum()  # its output is poisoned by the failure
+    started = time.perf_counter()
+    tr.all_reduce_(xs, "sum")
+    for rank, w in enumerate(workers):
+        with pytest.raises((PermissionError, IndexError, RuntimeError)):
+            w.sync()
+    assert time.perf_counter() - started < 30

@@ -95,6 +95,16 @@ class Groups:
             raise RuntimeError(f"this worker holds no rank in group {name!r}: form it first (tr.group(workers))")
         return group
 
+    def decline(self, name: Any, device: torch.device) -> None:
+        """This rank cannot take part in the collective (its input is the output of an op that
+        failed): tell the others, who raise at once instead of waiting for it."""
+        group = self._groups.get(name) if type(name) is str else None
+        if group is not None:
+            try:
+                _agree(group, RuntimeError("declined"), device)
+            except RuntimeError:
+                pass
+
     # --- the collectives: in place on each rank's tensor, or new tensors ---
     def all_reduce_(self, name: str, op: str, tensor: torch.Tensor, refusal: Exception | None = None) -> torch.Tensor:
         group = self._group(name)

@@ -57,6 +57,7 @@ class Session:
                  checkpoint_dir: str | None = None,
                  send_to_worker: SendToWorker | None = None, groups: Groups | None = None) -> None:
         self.store = store
+        self._groups = groups
         self._worker_ops = groups.ops() if groups is not None else {}  # collectives between workers
         self.send_to_worker = send_to_worker
         self.client_id = client_id
@@ -446,6 +447,8 @@ class Session:
             if derived is not None:
                 self._track(op, derived, leaves, tensors, versions, None if load is ops.resolve else result)
         except _Poisoned as p:  # reported where it happened; only answer if asked
+            if op in collectives.RELEASES and self._groups is not None and wire_args:
+                self._groups.decline(wire_args[0], self.device)  # the other ranks stop waiting for it
             self.failed[op_id] = p.info
             if reply:
                 out.append(m.Failure(req_id, op_id, p.info))
