@@ -31,11 +31,13 @@ class _WorkerActor:
     """A torchremote worker in a Ray actor's process."""
 
     def __init__(self, worker_id: str, token: str, device: str, publish: dict[str, str], rank: int,
-                 host: str | None, options: dict) -> None:
+                 host: str | None, approve: Any, options: dict) -> None:
         host = host or _node_address()
         self.server = start_worker(id=worker_id, host=host, port=0, token=token, device=device, **options)
         for tag, pattern in publish.items():  # read whole before any is published: an error names the file
             self.server.publish_files([published_files.read(pattern.format(rank=rank))], tags=[tag])
+        if approve is not None:
+            self.server.auto_approve(approve)
 
     def url(self) -> str:
         return self.server.url
@@ -61,8 +63,8 @@ class Fleet:
 
     def __init__(self, n: int, *, num_cpus: float = 1, num_gpus: float = 0, device: str = "cpu",
                  publish: dict[str, str] | None = None, strategy: str = "PACK", collectives: bool = True,
-                 name: str = "ray", host: str | None = None, connect_timeout: float = 60.0,
-                 **worker_options: Any) -> None:
+                 name: str = "ray", host: str | None = None, approve: Any = None,
+                 connect_timeout: float = 60.0, **worker_options: Any) -> None:
         if n < 1:
             raise ValueError("a fleet has at least one worker")
         if not ray.is_initialized():
@@ -72,6 +74,7 @@ class Fleet:
         self._name, self._device, self._publish = name, device, dict(publish or {})
         self._options, self._collectives, self._timeout = worker_options, collectives, connect_timeout
         self._host = host  # where each worker listens: its Ray node's address unless given
+        self._approve = approve  # the data owner's release rule, run by each worker (auto_approve)
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         self.placement_group = placement_group([dict(bundle) for _ in range(n)], strategy=strategy)
@@ -94,7 +97,7 @@ class Fleet:
             **self._resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self.placement_group, placement_group_bundle_index=rank))
         return actor.remote(f"{self._name}-{rank}", self.token, self._device, self._publish, rank, self._host,
-                            self._options)
+                            self._approve, self._options)
 
     def _regroup(self) -> None:
         if self._collectives and len(self.workers) > 1:
@@ -153,7 +156,8 @@ class Fleet:
 
 def start_workers(n: int, **options: Any) -> Fleet:
     """Start `n` workers on Ray actors and connect to each (see `Fleet` for the options: num_cpus,
-    num_gpus, device, publish={tag: path with {rank}}, strategy, collectives, host; the rest go to each
+    num_gpus, device, publish={tag: path with {rank}}, strategy, collectives, host, approve (the
+    owner's release rule for each worker, as `auto_approve`); the rest go to each
     worker, as `start_worker`'s options)."""
     started = time.perf_counter()
     fleet = Fleet(n, **options)
