@@ -45,6 +45,7 @@ def _worker(args: argparse.Namespace) -> int:
         for directory in args.data_dir or []:
             paths += published_files.in_directory(directory)
         files = [published_files.read(p) for p in paths]
+        mocks = {name: t for p in args.mock or [] for name, t in published_files.read(p).tensors.items()}
         owner_token = _read_token(args.owner_token_file, env=False) if args.owner_token_file else None
         server = start_worker(args.id, args.host, args.port, token=_read_token(args.token_file),
                               owner_token=owner_token,
@@ -54,13 +55,18 @@ def _worker(args: argparse.Namespace) -> int:
                               max_client_bytes=args.max_client_bytes, max_memory=args.max_memory,
                               max_gpu_memory=args.max_gpu_memory, allow_code=args.allow_code,
                               checkpoint_dir=args.checkpoint_dir,
-                              resume_grace=args.resume_grace)
+                              resume_grace=args.resume_grace, console_port=args.console_port,
+                              console_host=args.console_host, metrics_public=args.metrics_public)
     except (TorchRemoteError, OSError, ValueError) as e:
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:
+        print(f"torchremote: cannot start worker: the console needs aiohttp and prometheus-client "
+              f"(pip install 'torchremote[console]'): {e}", file=sys.stderr)
+        return 1
     try:
         published = server.publish_files(files, args.tags or (), args.description, private=args.private,
-                                         writable=args.writable)
+                                         writable=args.writable, mocks=mocks)
     except Exception as e:  # a device that cannot hold them, say: stop rather than serve half
         server.stop()
         print(f"torchremote: cannot start worker: {e}", file=sys.stderr)
@@ -156,6 +162,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="publish every .safetensors file in DIR at start (repeatable)")
     w.add_argument("--checkpoint-dir", metavar="DIR",
                    help="clients may save checkpoints here, on this machine (tr.save_on_worker), and load them back")
+    w.add_argument("--mock", action="append", metavar="FILE.safetensors",
+                   help="mocks of published tensors, by name: made-up data of the same shape and dtype that "
+                        "any client may fetch (x.mock()) to develop on (repeatable)")
+    w.add_argument("--console-port", type=int, default=None, metavar="PORT",
+                   help="serve the owner's console (a web page, and /metrics) on this port; 0 picks a free one. "
+                        "A one-time sign-in link is printed at start (default: off)")
+    w.add_argument("--console-host", default="127.0.0.1",
+                   help="address the console listens on (default: 127.0.0.1)")
+    w.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without signing in (a loopback console host only)")
     w.add_argument("--tags", nargs="+", metavar="T", help="tags added to every tensor published from files")
     w.add_argument("--private", action="store_true",
                    help="clients may compute on the tensors published from files, never fetch them")

@@ -20,7 +20,8 @@ def start_worker(id: str = "worker", host: str = "127.0.0.1", port: int = 0, **o
 
     Options are `WorkerServer`'s: token, owner_token, device, max_memory, max_gpu_memory,
     max_message_bytes, max_client_bytes, max_clients, resume_grace, certfile, keyfile, allow_code,
-    insecure, verbose, log_file."""
+    checkpoint_dir, insecure, verbose, log_file, and console_port (the owner's console: a web page
+    and /metrics; `server.console_url`), console_host, metrics_public."""
     options.setdefault("send_to_worker", send_to_worker)
     server = WorkerServer(id, host, port, **options)
     _started.add(server)

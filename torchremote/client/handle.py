@@ -16,10 +16,13 @@ from .tensor import RemoteTensor
 class Worker(Session):
     """A connection to a torchremote worker. Create with `torchremote.connect(url)`."""
 
-    def search(self, *tags: str) -> list[RemoteTensor]:
-        """Pointers to the data the worker's owner published with all of these tags."""
+    def search(self, *tags: str, mock: bool = False) -> list[RemoteTensor] | list[torch.Tensor]:
+        """Pointers to the data the worker's owner published with all of these tags. `mock=True`:
+        instead, local copies of the mocks the owner published beside them (made-up values of the
+        same shape and dtype), to develop code on before running it on the pointers."""
         hits = self._request(m.Search, tuple(tags))
-        return [RemoteTensor._wrap(h.meta, self, h.ref, published=h) for h in hits]
+        pointers = [RemoteTensor._wrap(h.meta, self, h.ref, published=h) for h in hits]
+        return [p.mock() for p in pointers] if mock else pointers
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run `fn(*args, **kwargs)` on the worker, whole, in one round trip.

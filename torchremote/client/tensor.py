@@ -113,6 +113,17 @@ class RemoteTensor(torch.Tensor):
             return self._worker._fetch(self._ref)
         return self._worker._fetch_when_approved(self._ref, timeout)
 
+    def mock(self) -> torch.Tensor:
+        """The mock the owner published beside this data: a local tensor of the same shape and
+        dtype with made-up values, free to fetch (the real values may be private)."""
+        if self._published is None:
+            raise LookupError("mock(): only a pointer to published data (from worker.search) has a mock; "
+                              "this one was computed or sent")
+        if not self._published.has_mock:
+            name = self._published.tags[0] if self._published.tags else m.object_id(self._ref)
+            raise LookupError(f"the owner of {name!r} published no mock beside it")
+        return self._worker._request(m.FetchMock, self._ref)
+
     def request(self, reason: str = "") -> "ReleaseHandle":
         """Ask the worker's owner to release this tensor's value (or say why, for a request filed
         already); returns a handle with `.id` and `.status`."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAGIC = b"TRM2"                      # first bytes of every frame (and the wire version)
 DEFAULT_MAX_MESSAGE_BYTES = 2**32   # websocket max_size, both directions
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -114,6 +114,7 @@ class PublishedInfo:
     tags: tuple[str, ...]
     description: str
     writable: bool = False   # clients may change it in place; read-only otherwise
+    has_mock: bool = False   # the owner published a stand-in anyone may fetch (`FetchMock`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +227,13 @@ class Fetch:
     """Send the data of `ref` back (only its elements, never the storage behind a view)."""
     req_id: int
     ref: Ref
+
+
+@dataclass(frozen=True, slots=True)
+class FetchMock:
+    """Send the mock the owner published beside `ref`: same shape and dtype, made-up values."""
+    req_id: int
+    ref: PublishedRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +441,7 @@ class Failure:
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Put, Call, Fetch, Release, Search, ListObjects, ManualSeed, Sync, Reply, Failure,
     PutBegin, Chunk, Run, Expect, Push, Handover, Ack, RequestRelease, ReleaseStatus, ListReleases, Decide,
-    MemoryReport, SaveCheckpoint, LoadCheckpoint, CheckpointRegion,
+    MemoryReport, SaveCheckpoint, LoadCheckpoint, CheckpointRegion, FetchMock,
 )
 VALUE_TYPES: tuple[type, ...] = (
     TensorMeta, SameAs, ErrorInfo, PublishedInfo, ObjectInfo, ChunkedTensor, ReleaseInfo, MemoryInfo,

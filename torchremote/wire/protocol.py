@@ -210,7 +210,7 @@ class ServerProtocol:
     _COMMANDS = (m.Put, m.Call, m.Fetch, m.Release, m.Search, m.ListObjects, m.ManualSeed, m.Sync,
                  m.PutBegin, m.Chunk, m.Run, m.Expect, m.Push, m.Handover, m.Ack, m.RequestRelease,
                  m.ReleaseStatus, m.ListReleases, m.Decide, m.MemoryReport, m.SaveCheckpoint, m.LoadCheckpoint,
-                 m.CheckpointRegion)
+                 m.CheckpointRegion, m.FetchMock)
 
     def receive_hello(self, data: bytes) -> m.Hello:
         items = codec.decode(data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator
 
@@ -26,6 +27,7 @@ from .budget import MemoryBudget, Pool, describe
 from .read_only import ReadOnlyGuard, own_alias, touches
 from .releases import ReleaseDesk, ReleasedFailure
 from .store import ObjectStore
+from .traffic import Traffic
 
 _CONTAINERS = (list, tuple, dict)
 PRECHECK_BYTES = 1 << 20  # outputs this large are refused before the op runs when there is no room
@@ -55,8 +57,11 @@ class Session:
                  max_client_bytes: int | None = None, budget: MemoryBudget | None = None,
                  allow_code: bool = False, releases: ReleaseDesk | None = None, is_owner: bool = False,
                  checkpoint_dir: str | None = None,
-                 send_to_worker: SendToWorker | None = None, groups: Groups | None = None) -> None:
+                 send_to_worker: SendToWorker | None = None, groups: Groups | None = None,
+                 timed: bool = False) -> None:
         self.store = store
+        self.connected_at = time.time()
+        self.traffic = Traffic(timed)  # counted for the owner's console and metrics (`timed`: latencies too)
         self._groups = groups
         self._worker_ops = groups.ops() if groups is not None else {}  # collectives between workers
         self.send_to_worker = send_to_worker
@@ -64,6 +69,7 @@ class Session:
         self.device = torch.device(device)
         self.peer = peer
         self.log = log or logging.getLogger("torchremote.worker")
+        self.command_log = self.log.getChild("commands")  # every command, with --verbose
         self.objects = store.open_namespace(client_id)
         self.failed: dict[int, m.ErrorInfo] = {}
         self.max_client_bytes = max_client_bytes
@@ -90,7 +96,7 @@ class Session:
             m.RequestRelease: self._request_release, m.ReleaseStatus: self._release_status,
             m.ListReleases: self._list_releases, m.Decide: self._decide, m.MemoryReport: self._memory,
             m.SaveCheckpoint: self._save_checkpoint, m.LoadCheckpoint: self._load_checkpoint,
-            m.CheckpointRegion: self._checkpoint_region,
+            m.CheckpointRegion: self._checkpoint_region, m.FetchMock: self._fetch_mock,
         }
         self._region: Region | None = None  # the client's activation-checkpointing region, if in one
         self._incoming: dict[int, tuple[codec.Assembly, bool, str]] = {}
@@ -101,15 +107,24 @@ class Session:
     def run(self, commands: list) -> list:
         """Run a batch in order; returns the replies and failures to send back (maybe none)."""
         out: list = []
-        verbose = self.log.isEnabledFor(logging.INFO)
+        verbose = self.command_log.isEnabledFor(logging.INFO)
+        traffic = self.traffic
+        timed = traffic.timed
         for cmd in commands:
             if verbose:
-                self.log.info("%s %s: %s", self.peer, self.client_id, _describe(cmd))
+                self.command_log.info("%s %s: %s", self.peer, self.client_id, _describe(cmd))
+            kind = type(cmd)
+            if timed:
+                started = time.perf_counter()
             try:
-                self._handlers[type(cmd)](cmd, out)
+                self._handlers[kind](cmd, out)
             except Exception as e:  # a handler's own bug must not take the connection down
                 out.append(m.Failure(_reply_id(cmd), getattr(cmd, "op_id", None),
                                      to_info(e, tb=traceback.format_exc())))
+            if kind is m.Call or kind is m.Run:
+                traffic.ops += 1
+                if timed:
+                    traffic.op_seconds.observe(time.perf_counter() - started)
         if self._unsettled:
             self._settle()
         return out
@@ -547,13 +562,17 @@ class Session:
         with self._answering(cmd.req_id, out):
             t = self._tensor(cmd.ref)
             self._allow_release([(cmd.ref, t)], "get")
-            t = t.detach()
-            if t.numel() * t.element_size() <= m.CHUNK_BYTES:
-                out.append(m.Reply(cmd.req_id, t))
-                return
-            header, chunks = codec.split_for_transfer(t)
-            out.append(m.Reply(cmd.req_id, header))
-            out.extend(m.Chunk(cmd.req_id, offset, data) for offset, data in chunks)
+            _reply_with_tensor(cmd.req_id, t.detach(), out)
+
+    def _fetch_mock(self, cmd: m.FetchMock, out: list) -> None:
+        """The stand-in the owner published beside real data: anyone may have it."""
+        with self._answering(cmd.req_id, out):
+            published = self.store.published(cmd.ref)
+            if published.mock is None:
+                name = published.tags[0] if published.tags else object_id(cmd.ref)
+                raise LookupError(f"the owner published no mock of {name!r}: only its real data, "
+                                  f"which you compute on through the pointer")
+            _reply_with_tensor(cmd.req_id, published.mock, out)
 
     def _release(self, cmd: m.Release, out: list) -> None:
         for ref in cmd.refs:
@@ -666,6 +685,16 @@ class Session:
         decided = (self.releases.approve(cmd.request_id, by=by) if cmd.approve
                    else self.releases.deny(cmd.request_id, cmd.reason, by=by))
         out.append(m.Reply(cmd.req_id, decided.row(for_owner=True)))
+
+
+def _reply_with_tensor(req_id: int, t: torch.Tensor, out: list) -> None:
+    """A tensor's value as a reply: whole when small, else a header and then its chunks."""
+    if t.numel() * t.element_size() <= m.CHUNK_BYTES:
+        out.append(m.Reply(req_id, t))
+        return
+    header, chunks = codec.split_for_transfer(t)
+    out.append(m.Reply(req_id, header))
+    out.extend(m.Chunk(req_id, offset, data) for offset, data in chunks)
 
 
 def _guarded(func: Callable, protected: dict[int, str], op: str) -> Callable:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,6 +43,8 @@ class ReleaseRequest:
     decided_by: str = ""
     note: str = ""                     # the owner's reason, for a denial
     failure: str = ""                  # an op in its history failed (so): the owner's eyes only
+    filed_at: float = field(default_factory=time.time)
+    decided_at: float | None = None    # when approved or denied (time.time())
     _tensor: Any = field(default=None, repr=False)       # the object, while it may be released
     _version: int | None = field(default=None, repr=False)  # its version when approved
 
@@ -169,7 +172,7 @@ class ReleaseDesk:
     def approve(self, request_id: int, by: str = "owner") -> ReleaseRequest:
         with self._lock:
             request = self._undecided(request_id)
-            request.status, request.decided_by = APPROVED, by
+            request.status, request.decided_by, request.decided_at = APPROVED, by, time.time()
             request._version = request._tensor._version
         self.log.log(logging.INFO if by.startswith("rule") else logging.WARNING,
                      "release request #%d approved by %s: %s %s to %s", request_id, by, request.object,
@@ -180,6 +183,7 @@ class ReleaseDesk:
         with self._lock:
             request = self._undecided(request_id)
             request.status, request.decided_by, request.note = DENIED, by, reason
+            request.decided_at = time.time()
             request._tensor = None  # it stays the object's answer until the client asks again
         self.log.warning("release request #%d denied by %s: %s %s to %s%s", request_id, by, request.object,
                          request.lineage, request.client, f": {reason}" if reason else "")
@@ -194,6 +198,13 @@ class ReleaseDesk:
         for request in pending:
             if self._applies(rule, request):
                 self.approve(request.id, by=f"rule {getattr(rule, '__name__', 'auto_approve')}")
+
+    def rules(self) -> list[tuple[str, str]]:
+        """The auto_approve rules in force: (name, the first line of its docstring)."""
+        with self._lock:
+            rules = list(self._rules)
+        return [(getattr(r, "__name__", repr(r)), (getattr(r, "__doc__", None) or "").strip().split("\n")[0])
+                for r in rules]
 
     def forget_client(self, client: str) -> None:
         """A session ended: its undecided requests lapse."""

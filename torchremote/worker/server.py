@@ -14,8 +14,10 @@ import os
 import re
 import signal
 import ssl
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -37,11 +39,28 @@ from .execution import SendToWorker, Session
 from .releases import ReleaseDesk, ReleaseRequest
 from .sessions import ResumableSession, SessionTable
 from .store import ObjectStore
+from .traffic import Traffic, frame_bytes
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 # batch items that change no data: replies kept for a replay need no copy before these run
-_READ_ONLY = (m.Fetch, m.Release, m.Search, m.ListObjects, m.Sync, m.Expect)
+_READ_ONLY = (m.Fetch, m.FetchMock, m.Release, m.Search, m.ListObjects, m.Sync, m.Expect)
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """One client session as the owner sees it (`server.clients()`, the console)."""
+    id: str
+    peer: str
+    connected_at: float       # time.time()
+    objects: int
+    held_bytes: int
+    ops: int
+    bytes_in: int
+    bytes_out: int
+    owner: bool               # it holds the owner token
+    parked: bool              # its connection dropped; kept for a resume
+    parked_for_s: float
 
 
 def is_loopback(host: str) -> bool:
@@ -68,6 +87,7 @@ class WorkerServer:
                  keyfile: str | None = None, allow_code: bool = False, checkpoint_dir: str | None = None,
                  insecure: bool = False,
                  verbose: bool = False, log_file: str | None = None,
+                 console_port: int | None = None, console_host: str = "127.0.0.1", metrics_public: bool = False,
                  send_to_worker: SendToWorker | None = None) -> None:
         if token is None and not is_loopback(host) and not insecure:
             raise WorkerPermissionError(
@@ -114,9 +134,21 @@ class WorkerServer:
         self.log = _make_logger(id, verbose, log_file)
         self.releases = ReleaseDesk(self.log)
         self._client_numbers = itertools.count(1)
+        self._clients: dict[str, ResumableSession] = {}  # every session holding objects, parked ones too
+        self._ended = Traffic()  # what sessions that ended had counted
         self._stopped = threading.Event()
+        self.started_at = time.time()
+        self.console = None
+        if console_port is not None:  # before the listener: a console that cannot start stops the worker here
+            from .console import Console  # needs the `console` extra (aiohttp, prometheus-client)
+            self.console = Console(self, console_host, console_port, tls=tls, metrics_public=metrics_public)
         freeze_long_lived()
-        self._listener = Listener(host, port, self._handle, tls=tls, max_size=max_message_bytes, name=id)
+        try:
+            self._listener = Listener(host, port, self._handle, tls=tls, max_size=max_message_bytes, name=id)
+        except BaseException:
+            if self.console is not None:
+                self.console.stop()
+            raise
         self.host = host
         self.port: int = self._listener.port
         self.groups = Groups(host)  # the process groups with other workers that clients formed
@@ -125,6 +157,9 @@ class WorkerServer:
                              daemon=True).start()
         self.log.info("worker %r listening on %s; memory budget %s, each client may hold up to %s", id,
                       self.url, self.describe_budget(), describe_bytes(self.max_client_bytes))
+        if self.console is not None:
+            print(f"torchremote: the owner's console of worker {id!r}: {self.console.login_link()} "
+                  f"(a one-time sign-in link; the owner token signs in too)", file=sys.stderr, flush=True)
 
     @property
     def url(self) -> str:
@@ -132,47 +167,65 @@ class WorkerServer:
         return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
 
     def publish(self, tensor: torch.Tensor, tags: Iterable[str] = (), description: str = "",
-                allow_get: bool = True, private: bool = False, writable: bool = False) -> str:
+                allow_get: bool = True, private: bool = False, writable: bool = False,
+                mock: torch.Tensor | None = None) -> str:
         """Offer `tensor` to clients, findable by its tags. Returns its object id. `private=True`
         (or `allow_get=False`): clients compute on it, and whatever derives from it leaves only
         through a release request the owner approved (`requests`, `approve`, `auto_approve`).
         Clients never change it (a `PermissionError` says to clone first) unless `writable=True`:
-        a tensor clients are meant to update in place, a shared model's weights say."""
+        a tensor clients are meant to update in place, a shared model's weights say.
+
+        `mock`: made-up data of the same shape and dtype that any client may fetch (`x.mock()`,
+        `worker.search(..., mock=True)`), to develop its code on before running it on the real data."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"publish() takes a torch.Tensor, not {type(tensor).__qualname__}")
         if isinstance(tags, str):
             tags = (tags,)
+        mock = _checked_mock(mock, tensor, tags)
         tensor = tensor.detach().to(self.device)
         pool = self.budget.pool(tensor.untyped_storage())
         new = 0 if self.store.holds_storage(tensor) else tensor.untyped_storage().nbytes()
         self.budget.check(pool, new, f"publishing {tuple(tensor.shape)} {list(tags)}", "published data",
                           self.store.published_bytes)
-        ref = self.store.publish(tensor, tuple(tags), description, allow_get and not private, writable)
+        ref = self.store.publish(tensor, tuple(tags), description, allow_get and not private, writable, mock)
         self.budget.charge(pool, new)
-        self.log.info("published %s %s %s%s%s", object_id(ref), tuple(tensor.shape), list(tags),
-                      " (private)" if private or not allow_get else "", " (writable)" if writable else "")
+        self.log.info("published %s %s %s%s%s%s", object_id(ref), tuple(tensor.shape), list(tags),
+                      " (private)" if private or not allow_get else "", " (writable)" if writable else "",
+                      " with a mock" if mock is not None else "")
         return object_id(ref)
 
     def publish_file(self, path: str, tags: Iterable[str] = (), description: str | None = None,
-                     allow_get: bool = True, private: bool = False, writable: bool = False) -> dict[str, str]:
+                     allow_get: bool = True, private: bool = False, writable: bool = False,
+                     mock: str | None = None) -> dict[str, str]:
         """Publish every tensor in a safetensors file under its name (its first tag), with `tags`
         and the file's own metadata tags; returns name -> object id. Nothing is published from a
         file that cannot be read whole (`PublishFileError`, naming it). The file's metadata may
-        make it private too (`"private": "true"`)."""
-        return self.publish_files([published_files.read(path)], tags, description, allow_get, private, writable)
+        make it private too (`"private": "true"`). `mock`: a safetensors file of mocks, by name."""
+        mocks = published_files.read(mock).tensors if mock is not None else None
+        return self.publish_files([published_files.read(path)], tags, description, allow_get, private, writable,
+                                  mocks)
 
     def publish_files(self, files: list[published_files.TensorFile], tags: Iterable[str] = (),
                       description: str | None = None, allow_get: bool = True,
-                      private: bool = False, writable: bool = False) -> dict[str, str]:
-        """Publish files already read (`published_files.read`): what `publish_file` does after reading."""
+                      private: bool = False, writable: bool = False,
+                      mocks: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+        """Publish files already read (`published_files.read`): what `publish_file` does after
+        reading. `mocks`: name -> the mock of the tensor of that name (all checked before any is published)."""
         if isinstance(tags, str):
             tags = (tags,)
+        mocks = dict(mocks or {})
+        tensors = {name: t for f in files for name, t in f.tensors.items()}
+        for name, fake in mocks.items():
+            if name not in tensors:
+                raise ValueError(f"a mock named {name!r} has no tensor of that name to stand in for "
+                                 f"(published: {', '.join(sorted(tensors)) or 'none'})")
+            _checked_mock(fake, tensors[name], (name,))
         ids = {}
         for f in files:
             for name, tensor in f.tensors.items():
                 ids[name] = self.publish(tensor, (name, *tags, *f.tags),
                                          f.description if description is None else description, allow_get,
-                                         private or f.private, writable)
+                                         private or f.private, writable, mocks.get(name))
         return ids
 
     # --- what leaves: requests to release private-derived data ---
@@ -203,6 +256,32 @@ class WorkerServer:
         """The whole registry: published data and every connected client's objects."""
         return ObjectTable(self.store.rows())
 
+    def clients(self) -> list["ClientStatus"]:
+        """Every session holding objects here: connected, or dropped and kept for a resume (parked)."""
+        with self._sessions_lock:
+            states = list(self._clients.values())
+        now = time.monotonic()
+        return [ClientStatus(s.session.client_id, s.session.peer, s.session.connected_at, len(s.session.objects),
+                             s.session.held_bytes, s.session.traffic.ops, s.session.traffic.bytes_in,
+                             s.session.traffic.bytes_out, s.session.is_owner, not s.live,
+                             now - s.dropped_at if not s.live else 0.0)
+                for s in states]
+
+    def traffic(self) -> Traffic:
+        """What every session so far has counted, ended ones included."""
+        total = Traffic()
+        with self._sessions_lock:
+            total.add(self._ended)
+            states = list(self._clients.values())
+        for state in states:
+            total.add(state.session.traffic)
+        return total
+
+    @property
+    def console_url(self) -> str | None:
+        """The owner's console (`console_port=`), or None when it is off."""
+        return self.console.url if self.console is not None else None
+
     def serve_forever(self) -> None:
         """Block until Ctrl-C, SIGTERM or `stop()`, then shut down cleanly."""
         previous = None
@@ -221,6 +300,8 @@ class WorkerServer:
     def stop(self) -> None:
         """Stop listening, close every connection, free every client's objects."""
         self._stopped.set()
+        if self.console is not None:
+            self.console.stop()
         self._listener.stop()
         self._resumable.close()
         self.groups.close()
@@ -269,8 +350,10 @@ class WorkerServer:
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
                           max_client_bytes=self.max_client_bytes, budget=self.budget, allow_code=self.allow_code,
                           releases=self.releases, is_owner=is_owner, send_to_worker=self._send_to_worker,
-                          checkpoint_dir=self.checkpoint_dir, groups=self.groups)
+                          checkpoint_dir=self.checkpoint_dir, groups=self.groups, timed=self.console is not None)
         state = self._resumable.open(session)
+        with self._sessions_lock:
+            self._clients[client_id] = state
         self.log.info("%s connected as %s%s", peer, client_id, " (owner)" if is_owner else "")
         welcome = protocol.welcome(self.id, client_id, self.max_message_bytes, state.token, self.resume_grace,
                                    device=str(self.device))
@@ -308,10 +391,13 @@ class WorkerServer:
         connection ends: closed by the client (its objects are freed), or dropped (they are kept
         for the grace period, for a resume)."""
         session = state.session
+        traffic = session.traffic
         try:
             for frame in first:
                 conn.send(frame)
             for data in conn.messages(ChunkPlacement(session.assembly)):
+                arrived = time.perf_counter() if traffic.timed else 0.0
+                traffic.bytes_in += data.tensor.nbytes if isinstance(data, Placed) else len(data)
                 replies = self._run_batch(protocol, state, data)
                 frames = _encode_replies(protocol, replies) if replies else []
                 if state.token:
@@ -319,6 +405,9 @@ class WorkerServer:
                         state.replies.add(frame)  # all kept before any is sent: a drop loses none
                 for frame in frames:
                     conn.send(frame)
+                    traffic.bytes_out += frame_bytes(frame)
+                if arrived and replies and len(replies) > (type(replies[0]) is m.Ack):  # the client waits on this batch
+                    traffic.sync_seconds.observe(time.perf_counter() - arrived)
         except ConnectionClosed:
             if state.token and not conn.ws.closed_by_peer and not self._stopped.is_set():
                 self._resumable.park(state)
@@ -365,12 +454,27 @@ class WorkerServer:
         freed = session.close()
         with self._sessions_lock:
             self._sessions -= 1
+            if self._clients.pop(session.client_id, None) is not None:
+                self._ended.add(session.traffic)
         self.log.info("%s %s %s; freed %d object(s), %s; worker memory: %s", session.peer, session.client_id,
                       why, freed, budget.describe(held), self.describe_budget())
 
     def _expire_dropped_sessions(self) -> None:
         while not self._stopped.wait(min(1.0, self.resume_grace / 4)):
             self._resumable.expire()
+
+
+def _checked_mock(mock: torch.Tensor | None, real: torch.Tensor, tags: Iterable[str]) -> torch.Tensor | None:
+    """A mock as it is kept (on the CPU, detached), once it has the real tensor's shape and dtype."""
+    if mock is None:
+        return None
+    name = next(iter(tags), "the tensor")
+    if not isinstance(mock, torch.Tensor):
+        raise TypeError(f"the mock of {name!r} must be a torch.Tensor, not {type(mock).__qualname__}")
+    if mock.shape != real.shape or mock.dtype != real.dtype:
+        raise ValueError(f"the mock of {name!r} must have the real data's shape and dtype, "
+                         f"{tuple(real.shape)} {real.dtype}: it has {tuple(mock.shape)} {mock.dtype}")
+    return mock.detach().to("cpu", copy=True).contiguous()
 
 
 def describe_bytes(n: int | None) -> str:
@@ -417,6 +521,11 @@ def _make_logger(worker_id: str, verbose: bool, log_file: str | None) -> logging
     for handler in [h for h in log.handlers if getattr(h, "_torchremote", False)]:
         log.removeHandler(handler)  # a worker of the same name started earlier in this process
         handler.close()
+    log.setLevel(logging.NOTSET)
+    log.propagate = True
+    # each command's line (`execution.Session.command_log`): on with --verbose or --log-file only,
+    # even when the console asks the worker's log for its INFO lines
+    log.getChild("commands").setLevel(logging.INFO if verbose or log_file else logging.WARNING)
     if verbose or log_file:
         log.setLevel(logging.INFO)
         log.propagate = False

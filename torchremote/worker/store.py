@@ -23,6 +23,7 @@ class Published:
     description: str
     allow_get: bool
     writable: bool = False   # clients may update it in place (a shared model); read-only otherwise
+    mock: torch.Tensor | None = None  # a stand-in anyone may fetch: same shape and dtype, made-up values
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -47,10 +48,10 @@ class ObjectStore:
 
     # --- published data ---
     def publish(self, tensor: torch.Tensor, tags: tuple[str, ...], description: str,
-                allow_get: bool, writable: bool = False) -> m.PublishedRef:
+                allow_get: bool, writable: bool = False, mock: torch.Tensor | None = None) -> m.PublishedRef:
         with self._lock:
             pub_id, self._next_pub = self._next_pub, self._next_pub + 1
-            self._published[pub_id] = Published(tensor, tags, description, allow_get, writable)
+            self._published[pub_id] = Published(tensor, tags, description, allow_get, writable, mock)
             if tensor.numel():
                 key, name = storage_key(tensor), tags[0] if tags else f"p{pub_id}"
                 if key not in self.published_storages:
@@ -76,8 +77,13 @@ class ObjectStore:
         wanted = set(tags)
         with self._lock:
             hits = [(i, p) for i, p in self._published.items() if wanted <= set(p.tags)]
-        return [m.PublishedInfo(m.PublishedRef(i), m.TensorMeta.of(p.tensor), p.tags, p.description, p.writable)
-                for i, p in hits]
+        return [m.PublishedInfo(m.PublishedRef(i), m.TensorMeta.of(p.tensor), p.tags, p.description, p.writable,
+                                p.mock is not None) for i, p in hits]
+
+    def published_rows(self) -> list[tuple[str, Published]]:
+        """Every published object with its id, oldest first: what the owner's console lists."""
+        with self._lock:
+            return [(object_id(m.PublishedRef(i)), p) for i, p in self._published.items()]
 
     # --- client namespaces ---
     def open_namespace(self, client_id: str) -> dict[m.ClientRef, torch.Tensor]:
