@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: demo test bench conformance gpu-check clean
+.PHONY: demo test browser bench conformance gpu-check clean
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,16 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# the console's tests drive Debian's Chromium headless (through Playwright): installed here when
+# missing and this runs as root (CI does); elsewhere those tests say how to get it and skip
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "no chromium here: the console's browser tests will skip (as root: apt-get install chromium)"; fi; }
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'

@@ -32,6 +32,7 @@ def test_bob_serves_while_the_model_owner_computes(monkeypatch):
         for i, cell in code[:-3]:
             bob.execute_cell(cell, i)
         assert f"ws://127.0.0.1:{port}" in outputs(code[1][1])
+        assert "console: http://127.0.0.1:" in outputs(code[1][1]) and "/login?token=" in outputs(code[1][1])
 
         # the model owner's notebook runs in its own kernel while Bob's answers its release request
         model = threading.Thread(target=NotebookClient(model_nb, timeout=120, kernel_name="python3").execute)

@@ -282,6 +282,12 @@ class WorkerServer:
         """The owner's console (`console_port=`), or None when it is off."""
         return self.console.url if self.console is not None else None
 
+    def console_link(self) -> str:
+        """A new one-time sign-in link to the owner's console."""
+        if self.console is None:
+            raise RuntimeError("this worker has no console: start it with console_port=0 (--console-port 0)")
+        return self.console.login_link()
+
     def serve_forever(self) -> None:
         """Block until Ctrl-C, SIGTERM or `stop()`, then shut down cleanly."""
         previous = None
