@@ -28,7 +28,7 @@ import psutil
 import torch
 
 import torchremote as tr
-from benchmarks import budget, checkpointing, collectives, load, peers, privacy, resume, training
+from benchmarks import budget, checkpointing, collectives, console, load, peers, privacy, resume, training
 from benchmarks.timing import per_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -296,6 +296,7 @@ def report(results: dict) -> str:
     lines += budget.report(results)
     lines += checkpointing.report(results)
     lines += collectives.report(results)
+    lines += console.report(results)
     mem = results["memory"]
     lines += ["", "### 5. Memory", "", "| what | figure |", "| --- | ---: |",
               f"| client memory per live RemoteTensor | {results['pointer_bytes']:.0f} B |",
@@ -407,6 +408,7 @@ def main() -> None:
                           ("memory budget", lambda: results.__setitem__("budget", budget.run())),
                           ("checkpointing", lambda: results.__setitem__("checkpointing", checkpointing.run())),
                           ("collectives", lambda: results.__setitem__("collectives", collectives.run(args.quick))),
+                          ("owner's console", lambda: results.__setitem__("console", console.run())),
                           ("memory", lambda: memory(bob, worker.pid, results, move))):
             t0 = time.perf_counter()
             print(f"running {name} ...", file=sys.stderr, flush=True)
