@@ -267,6 +267,12 @@ def test_every_response_carries_the_security_headers(console, page):
     assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
     assert "<script>" not in page.content().split("</head>")[1]  # no inline script anywhere
+    cookie = page.context.cookies()[0]["value"]
+    as_get = urllib.request.Request(console.console_url + "/requests/1/approve",
+                                    headers={"Cookie": f"torchremote_console={cookie}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:  # a decision is a POST, never a link
+        urllib.request.urlopen(as_get, timeout=10)
+    assert refused.value.code == 405
     rebinding = urllib.request.Request(console.console_url + "/login", headers={"Host": f"evil.example:{console.console.port}"})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(rebinding, timeout=10)

@@ -83,8 +83,8 @@ class Console:
     def stop(self) -> None:
         if self._runner is not None and self._loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=5)
-            except Exception:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=5)
+            except Exception:  # stopping anyway: the worker must not hang on its console
                 pass
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
@@ -119,7 +119,11 @@ class Console:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, self._socket, ssl_context=tls).start()
-        asyncio.get_running_loop().create_task(self._sample_rates())
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_rates())
+
+    async def _shutdown(self) -> None:
+        self._sampler.cancel()
+        await self._runner.cleanup()
 
     async def _sample_rates(self) -> None:
         while True:
