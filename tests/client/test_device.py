@@ -145,7 +145,10 @@ def test_forward_mode_ad_on_pointers_equals_local(bob):
     x, v = torch.randn(3, 3), torch.randn(3, 3)
     rx, rv = x.send(bob), v.send(bob)
     for f in (torch.sin, torch.exp, torch.tanh, lambda t: t.sum(), lambda t: t.T @ t,
-              lambda t: t + t, lambda t: t.T.sin(), lambda t: t.view(9).cos()):
+              lambda t: t + t, lambda t: t.T.sin(), lambda t: t.view(9).cos(),
+              # a Python scalar operand (torch's formula asks for x.to("meta")); views at an offset
+              lambda t: t * 2, lambda t: 1 - t / 3, lambda t: t[1:], lambda t: t.narrow(1, 1, 2).exp(),
+              lambda t: t[0] * torch.tensor(2.)):
         (want, want_t), (out, out_t) = jvp(f, (x,), (v,)), jvp(f, (rx,), (rv,))
         assert isinstance(out_t, tr.RemoteTensor)
         torch.testing.assert_close(out.get(), want)
@@ -165,6 +168,26 @@ def test_forward_mode_ad_on_pointers_equals_local(bob):
         _, tangent = fwAD.unpack_dual(fwAD.make_dual(rx, rv).sin() * rx)
         _, want_t = fwAD.unpack_dual(fwAD.make_dual(x, v).sin() * x)
     torch.testing.assert_close(tangent.get(), want_t)
+
+
+def test_like_factories_make_their_tensor_where_device_says(bob, server, monkeypatch):
+    """As torch: only the metadata is used, so a pointer's `*_like` for another device sends nothing."""
+    x = torch.randn(3, 2).send(bob)
+    calls = []
+    for name in ("_call", "_call_sync", "_request"):
+        monkeypatch.setattr(bob, name, lambda *a, _f=getattr(bob, name), **k: calls.append(a) or _f(*a, **k))
+    on_cpu = torch.zeros_like(x, device="cpu", dtype=torch.float64)
+    assert type(on_cpu) is torch.Tensor and torch.equal(on_cpu, torch.zeros(3, 2, dtype=torch.float64))
+    assert torch.equal(x.new_full((2,), 5., device="cpu"), torch.full((2,), 5.))
+    as_meta = x[1:].to("meta")
+    assert as_meta.device.type == "meta" and as_meta.shape == (2, 2) and as_meta.stride() == (2, 1)
+    assert [name for name, *_ in calls] == ["torch.Tensor.__getitem__"]  # x[1:] only: no data moved
+    alice = tr.connect(server.url)
+    try:
+        on_alice = torch.ones_like(x, device=alice.device)
+        assert on_alice.worker is alice and torch.equal(on_alice.get(), torch.ones(3, 2))
+    finally:
+        alice.close()
 
 
 def test_tracing_transforms_refuse_pointers_clearly(bob):

@@ -151,12 +151,22 @@ def _run_meta(func: Callable, name: str, inputs: list, spec: Any, before: list) 
                 if base is not None:
                     view_of = next((j for j, a in enumerate(inputs) if isinstance(a, torch.Tensor)
                                     and (a is base or a._base is base)), None)
+                elif _below_views():  # reached from torch's C++ (a torch.func transform): no _base
+                    storage = leaf.untyped_storage()._cdata
+                    view_of = next((j for j, a in enumerate(inputs) if isinstance(a, torch.Tensor)
+                                    and a.untyped_storage()._cdata == storage), None)
                 outs.append(Out(NEW, TensorMeta.of(leaf), tensor_key(leaf), view_of))
         elif leaf is None and not name.endswith("__get__"):  # a property (x.grad) can differ from meta
             outs.append(Out(VALUE, None))
         else:
             return None, unchanged
     return Plan(out_spec, outs, out_flat), unchanged
+
+
+def _below_views() -> bool:
+    """Whether this runs beneath torch's view tracking (inside `__torch_dispatch__`), where a view
+    op's result shares its input's storage but records no `_base`."""
+    return torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.ADInplaceOrView)
 
 
 def _autocast_dtypes(result: Plan, func: Callable, inputs: list, spec: Any, device_type: str,

@@ -104,9 +104,47 @@ def _to(func: Any, args: tuple, kwargs: dict) -> Any:
     device = _target_device(args[1:], kwargs)
     if device is None or device == x._worker.device:
         return remote_call(func, args, kwargs)
+    if device.type == "meta":
+        return _on_stand_in(func, args, kwargs)
     if device.type == BACKEND:
         return _to_other_worker(x, device, args[1:], kwargs)
     return fetched(x, x.get().to(*args[1:], **kwargs))  # to a local device: fetch
+
+
+@implements(torch.ops.aten.to.dtype_layout, torch.ops.aten.to.device, torch.ops.aten.to.other,
+            torch.ops.aten._to_copy.default)
+def _aten_to(func: Any, args: tuple, kwargs: dict) -> Any:
+    """The ATen forms of `.to()`, which torch's C++ calls itself: a forward-mode formula asks for
+    `x.to("meta")` to work out a result's metadata."""
+    device = _target_device(args[1:], kwargs)
+    if device is not None and device.type == "meta":
+        return _on_stand_in(func, args, kwargs)
+    return remote_call(func, args, kwargs)
+
+
+def _on_stand_in(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    """`x.to("meta")`: a meta tensor with x's metadata, made here; no data moves."""
+    stand_in = args[0]._stand_in()
+    with torch._C.DisableTorchFunctionSubclass():
+        out = func(stand_in, *args[1:], **kwargs)
+        return torch.ops.aten.alias.default(out) if out is stand_in else out  # never the stand-in itself
+
+
+_LIKE_FACTORIES = (torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like,
+                   torch.randn_like, torch.randint_like, _T.new_empty, _T.new_zeros, _T.new_ones, _T.new_full,
+                   _T.new_tensor, _T.new_empty_strided)
+
+
+@implements(*_LIKE_FACTORIES)
+def _like_factory(func: Any, args: tuple, kwargs: dict) -> Any:
+    """`torch.zeros_like(x, device=d)` makes its tensor on `d`, as torch does: only x's metadata
+    is used, so for a device other than x's worker it is made from the stand-in, with no message."""
+    device = kwargs.get("device")
+    x = args[0]
+    if device is None or not isinstance(x, RemoteTensor) or torch.device(device) == x._worker.device:
+        return remote_call(func, args, kwargs)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(x._stand_in(), *args[1:], **kwargs)
 
 
 def _to_other_worker(x: RemoteTensor, device: torch.device, args: tuple, kwargs: dict) -> RemoteTensor:

@@ -79,7 +79,13 @@ class RemoteTensor(torch.Tensor):
         """The meta-device tensor that stands in for this one (never requiring grad)."""
         meta = self._meta
         if meta is None:
-            meta = self._meta = self._tmeta.empty_meta(requires_grad=False)
+            tmeta, base = self._tmeta, self._view_base
+            if base is not None and base.dtype == tmeta.dtype:
+                # a view shares its base's storage, as on the worker (forward AD compares sizes)
+                meta = base._stand_in().as_strided(tmeta.shape, tmeta.stride, tmeta.storage_offset)
+            else:
+                meta = tmeta.empty_meta(requires_grad=False)
+            self._meta = meta
         return meta
 
     def _meta_key(self) -> "inference.MetaKey":

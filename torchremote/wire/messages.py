@@ -74,9 +74,12 @@ class TensorMeta:
         return cls(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, t.requires_grad)
 
     def empty_meta(self, requires_grad: bool | None = None) -> torch.Tensor:
-        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
-        if self.storage_offset:
+        if self.storage_offset:  # a storage that holds the offset too, as the worker's does
+            extent = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if all(self.shape) else 0
+            t = torch.empty(self.storage_offset + extent, dtype=self.dtype, device="meta")
             t = t.as_strided(self.shape, self.stride, self.storage_offset)
+        else:
+            t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
         if requires_grad is None:
             requires_grad = self.requires_grad
         return t.requires_grad_(True) if requires_grad else t
