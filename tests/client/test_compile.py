@@ -1,5 +1,6 @@
 """`torch.compile` of a model on a worker runs it correctly, eagerly op by op (dynamo never traces
-torchremote's own code, so it never fails inside it)."""
+torchremote's own code, so it never fails inside it). Inductor cannot compile a graph on the remote
+device (its data is on the worker): the parts that make tensors there run eagerly too."""
 from __future__ import annotations
 
 import copy
@@ -68,3 +69,21 @@ def test_a_compiled_function_of_pointers_equals_local(bob):
         a, b = torch.randn(shape), torch.randn(shape)
         got = f(a.to(bob.device), b.to(bob.device))
         assert got.device == bob.device and torch.equal(got.get(), f(a, b))
+
+
+def test_inductor_runs_a_forward_with_remote_factories_eagerly(bob):
+    """The default backend, on a forward with `torch.arange(T, device=x.device)` and a mask made on
+    the device: torch's fallback exception turns the graph into eager ops, with no internal error
+    and no warning from torchremote's own code being traced."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    local = copy.deepcopy(model)
+    tokens, targets = torch.randint(0, 20, (4, 8)), torch.randint(0, 20, (4,))
+    expected = _train(local, tokens, targets)
+    model.to(bob.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Dynamo")
+        losses = _train(torch.compile(model), tokens.to(bob.device), targets.to(bob.device))
+    assert losses == expected
+    for p, q in zip(model.parameters(), local.parameters()):
+        assert torch.equal(bits(p.get()), bits(q))

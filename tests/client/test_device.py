@@ -57,7 +57,7 @@ def test_calls_that_reach_torchs_cpp_never_abort():
     assert lines[-1] == "reached the end"
     outcome = dict(line.split(" | ", 1) for line in lines[:-1] if " | " in line)
     for name in ("func.grad", "func.jacrev", "func.vmap", "to from a tensor that requires grad", "to('remote')",
-                 "to(current_accelerator())", "checkpoint", "save"):
+                 "to(current_accelerator())", "autocast", "checkpoint", "compile", "save"):
         assert outcome[name] == "ran", (name, done.stderr[-2000:])
     assert len(outcome) == 10  # every call came back to Python, one way or the other
 
@@ -188,6 +188,39 @@ def test_like_factories_make_their_tensor_where_device_says(bob, server, monkeyp
         assert on_alice.worker is alice and torch.equal(on_alice.get(), torch.ones(3, 2))
     finally:
         alice.close()
+
+
+def test_factories_run_under_a_torch_dispatch_mode(bob):
+    """While a mode is active torch reaches a backend's kernels through a table keyed by operator
+    name: every factory that reaches the backend has a kernel there (a fallback has none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from torchremote.client.backend import FACTORIES
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    for mode in (Seen(), FlopCounterMode(display=False)):
+        with mode:
+            made = (torch.tensor([1., 2.], device=bob.device), torch.zeros(2, device=bob.device),
+                    torch.empty(2, device=bob.device).fill_(3.), torch.tril_indices(3, 3, device=bob.device))
+        assert [t.get().sum().item() for t in made] == [3., 0., 6., 12]
+    reaching_the_fallback = set()
+    for name in torch._C._dispatch_get_all_op_names():
+        packet, _, overload = name.removeprefix("aten::").partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None) if name.startswith("aten::") else None
+        if op is None or not any(a.name == "device" for a in op._schema.arguments):
+            continue
+        if any("Tensor" in str(a.type) for a in op._schema.arguments):
+            continue  # dispatched on its tensor arguments
+        entry = next((line for line in torch._C._dispatch_dump_table(name).splitlines()
+                      if line.startswith("PrivateUse1:")), "")
+        if "[backend fallback]" in entry:
+            reaching_the_fallback.add(name.removeprefix("aten::"))
+    assert reaching_the_fallback == set(), reaching_the_fallback  # each has a kernel of its own
+    assert "tril_indices" in FACTORIES
 
 
 def test_tracing_transforms_refuse_pointers_clearly(bob):

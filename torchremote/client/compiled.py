@@ -16,6 +16,7 @@ import importlib.util
 import sys
 from typing import Any
 
+from .backend import Kernel
 from .tensor import RemoteTensor
 
 _DYNAMO = "torch._dynamo"
@@ -25,7 +26,9 @@ def _keep_dynamo_out() -> None:
     import torch._dynamo  # already imported: what this module waited for
 
     torch._dynamo.config.nontraceable_tensor_subclasses.add(RemoteTensor)
-    RemoteTensor.__torch_function__ = classmethod(torch._dynamo.disable(RemoteTensor.__torch_function__.__func__))
+    for hook in ("__torch_function__", "__torch_dispatch__"):  # the second: reached from torch's C++
+        setattr(RemoteTensor, hook, classmethod(torch._dynamo.disable(getattr(RemoteTensor, hook).__func__)))
+    Kernel.__call__ = torch._dynamo.disable(Kernel.__call__)
 
 
 class _AfterDynamoLoads(importlib.abc.MetaPathFinder):
