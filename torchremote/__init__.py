@@ -10,6 +10,7 @@ Where code runs: `client/` in the user's process, `worker/` in the worker's, `wi
 from . import client as _client  # noqa: F401  (registers the `remote` device and the dispatcher)
 from .client.checkpoints import load_on_worker, save_on_worker
 from .client.collectives import Group, all_gather, all_reduce_, broadcast_, group
+from .client.compile import CompiledModel, compile
 from .client.data_parallel import average_gradients, replicate
 from .client.handle import Worker, connect
 from .client.module import get, on, send
@@ -33,7 +34,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "RemoteTensor", "Worker", "WorkerServer", "ObjectInfo", "connect", "start_worker", "send", "get", "on", "remote",
-    "save_on_worker", "load_on_worker",
+    "save_on_worker", "load_on_worker", "compile", "CompiledModel",
     "Group", "group", "all_reduce_", "broadcast_", "all_gather", "replicate", "average_gradients",
     "TorchRemoteError", "WorkerConnectionError", "WorkerPermissionError", "ProtocolError",
     "RemoteError", "ApprovalRequired",

@@ -122,6 +122,17 @@ def record(plan: inference.Plan, flat: list, results: list) -> None:
             _in_place(result, requires_grad, name, _edges(flat, reaches) if recorded else None)
 
 
+def record_node(t: RemoteTensor, name: str, edges: tuple) -> None:
+    """`t` is the output of one call whose gradient flows to `edges` (a compiled graph's call)."""
+    t._rg = True
+    t._grad_node = Node(name, edges)
+
+
+def edges(flat: list, positions: tuple[int, ...]) -> tuple:
+    """The edges to the flat inputs at `positions` that require grad."""
+    return _edges(flat, positions)
+
+
 def _edges(flat: list, positions: tuple[int, ...]) -> tuple:
     edges = []
     for i in positions:

@@ -22,6 +22,7 @@ from ..wire.messages import REMOTE_DEVICE_TYPE as _REMOTE, object_id
 from .provenance import BACKWARD_OPS, Derived, Provenance
 from . import checkpoints, collectives, failures
 from .collectives import Groups
+from .graphs import CompiledGraphs
 from .activation_checkpoints import Region
 from .budget import MemoryBudget, Pool, describe
 from .read_only import ReadOnlyGuard, own_alias, touches
@@ -58,12 +59,14 @@ class Session:
                  allow_code: bool = False, releases: ReleaseDesk | None = None, is_owner: bool = False,
                  checkpoint_dir: str | None = None,
                  send_to_worker: SendToWorker | None = None, groups: Groups | None = None,
-                 timed: bool = False) -> None:
+                 graphs: CompiledGraphs | None = None, timed: bool = False) -> None:
         self.store = store
         self.connected_at = time.time()
         self.traffic = Traffic(timed)  # counted for the owner's console and metrics (`timed`: latencies too)
         self._groups = groups
-        self._worker_ops = groups.ops() if groups is not None else {}  # collectives between workers
+        self.graphs = graphs if graphs is not None else CompiledGraphs(device, log)
+        # the worker's own ops: tr.compile's graphs, and collectives between workers
+        self._worker_ops = {**self.graphs.ops(), **(groups.ops() if groups is not None else {})}
         self.send_to_worker = send_to_worker
         self.client_id = client_id
         self.device = torch.device(device)

@@ -35,6 +35,7 @@ from .connection import Listener, ServedConnection
 from . import budget
 from .budget import MemoryBudget
 from .collectives import Groups
+from .graphs import CompiledGraphs
 from .execution import SendToWorker, Session
 from .releases import ReleaseDesk, ReleaseRequest
 from .sessions import ResumableSession, SessionTable
@@ -152,6 +153,7 @@ class WorkerServer:
         self.host = host
         self.port: int = self._listener.port
         self.groups = Groups(host)  # the process groups with other workers that clients formed
+        self.graphs = CompiledGraphs(self.device, self.log)  # tr.compile's graphs, shared by all clients
         if self.resume_grace > 0:
             threading.Thread(target=self._expire_dropped_sessions, name=f"torchremote-expiry-{id}",
                              daemon=True).start()
@@ -356,7 +358,8 @@ class WorkerServer:
         session = Session(self.store, client_id, device=self.device, peer=peer, log=self.log,
                           max_client_bytes=self.max_client_bytes, budget=self.budget, allow_code=self.allow_code,
                           releases=self.releases, is_owner=is_owner, send_to_worker=self._send_to_worker,
-                          checkpoint_dir=self.checkpoint_dir, groups=self.groups, timed=self.console is not None)
+                          checkpoint_dir=self.checkpoint_dir, groups=self.groups, graphs=self.graphs,
+                          timed=self.console is not None)
         state = self._resumable.open(session)
         with self._sessions_lock:
             self._clients[client_id] = state
