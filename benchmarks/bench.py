@@ -28,7 +28,7 @@ import psutil
 import torch
 
 import torchremote as tr
-from benchmarks import budget, checkpointing, collectives, console, load, peers, privacy, resume, training
+from benchmarks import budget, checkpointing, collectives, compiled, console, load, peers, privacy, resume, training
 from benchmarks.timing import per_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -297,6 +297,7 @@ def report(results: dict) -> str:
     lines += checkpointing.report(results)
     lines += collectives.report(results)
     lines += console.report(results)
+    lines += compiled.report(results)
     mem = results["memory"]
     lines += ["", "### 5. Memory", "", "| what | figure |", "| --- | ---: |",
               f"| client memory per live RemoteTensor | {results['pointer_bytes']:.0f} B |",
@@ -318,6 +319,7 @@ def report(results: dict) -> str:
          tr_curve["torchremote send+get"][big] / tr_curve["rpc echo"][big], -1),
         ("three workers take < 3 x one worker", many["ratio"], 2.99),
         *training.targets(results),
+        *compiled.targets(results),
         (f"send {fmt_size(mem['moved_bytes'])} <= 1.2 s", mem["send_s"], 1.2),
         (f"get {fmt_size(mem['moved_bytes'])} <= 1.2 s", mem["get_s"], 1.2),
         (f"{fmt_size(mem['moved_bytes'])} move: client peak extra RSS <= 1.5 x the bytes moved",
@@ -409,6 +411,7 @@ def main() -> None:
                           ("checkpointing", lambda: results.__setitem__("checkpointing", checkpointing.run())),
                           ("collectives", lambda: results.__setitem__("collectives", collectives.run(args.quick))),
                           ("owner's console", lambda: results.__setitem__("console", console.run())),
+                          ("compiled steps", lambda: compiled.run(results, args.quick)),
                           ("memory", lambda: memory(bob, worker.pid, results, move))):
             t0 = time.perf_counter()
             print(f"running {name} ...", file=sys.stderr, flush=True)

@@ -222,17 +222,20 @@ def _worker_of(tensors: list, args: tuple, kwargs: dict) -> Session | None:
 
 
 def _signature(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """What a capture depends on: the inputs' metadata (shapes, dtypes, requires_grad), the other
-    arguments' values, the parameters' requires_grad, training mode, grad mode and autocast."""
+    """What a capture depends on: the inputs' metadata (shapes, strides, dtypes, requires_grad), the
+    other arguments' values, the parameters' and buffers' metadata, each module's training mode,
+    grad mode and autocast. Read from the pointers' own metadata: no torch call per parameter."""
     flat, spec = tree_flatten((args, kwargs))
-    parts: list[Any] = [spec, model.training, torch.is_grad_enabled(), autocast_dtype()]
+    parts: list[Any] = [spec, torch.is_grad_enabled(), autocast_dtype()]
     for a in flat:
-        if isinstance(a, torch.Tensor):
-            parts.append((tuple(a.shape), a.stride(), a.dtype, a.requires_grad, isinstance(a, RemoteTensor)))
+        if type(a) is RemoteTensor:
+            parts.append((a._tmeta, a._rg))
+        elif isinstance(a, torch.Tensor):
+            parts.append((tuple(a.shape), a.stride(), a.dtype, a.requires_grad, "local"))
         else:
             parts.append((type(a), a))
-    parts.append(tuple((tuple(p.shape), p.dtype, p.requires_grad) for p in model.parameters()))
-    parts.append(tuple((tuple(b.shape), b.dtype) for b in model.buffers()))
+    for t in (*model.parameters(), *model.buffers()):
+        parts.append((t._tmeta, t._rg) if type(t) is RemoteTensor else (t.shape, t.dtype, t.requires_grad))
     parts.append(tuple(m.training for m in model.modules()))
     key = tuple(parts)
     try:
