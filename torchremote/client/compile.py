@@ -31,6 +31,7 @@ from .session import Session, autocast_dtype
 from .tensor import RemoteTensor
 
 _OPTIONS = ("backend", "mode", "fullgraph", "dynamic")
+_TENSOR = object()  # in an output's leaves: a tensor's place
 
 
 def compile(model: nn.Module, **compile_kwargs: Any) -> "CompiledModel":  # noqa: A001 (as torch.compile)
@@ -74,6 +75,7 @@ class CompiledModel(nn.Module):
         self.module = model
         self._options = dict(options)
         self._captures: dict[Any, _Capture | str] = {}  # signature -> its capture, or why it failed
+        self._warned: set = set()  # the signatures whose eager fallback was warned of
         self.captures = 0  # graphs captured (a new signature captures again)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -86,8 +88,8 @@ class CompiledModel(nn.Module):
         if capture is None:
             capture = self._captures[signature] = self._capture(args, kwargs)
         if isinstance(capture, str):
-            if signature is not None and not getattr(self, "_warned", {}).get(signature):
-                self.__dict__.setdefault("_warned", {})[signature] = True
+            if signature not in self._warned:
+                self._warned.add(signature)
                 warnings.warn(f"tr.compile: {capture}; this call runs eagerly, op by op", stacklevel=2)
             return self.module(*args, **kwargs)
         return self._run(worker, capture, args, kwargs)
@@ -121,7 +123,7 @@ class CompiledModel(nn.Module):
             call_args, call_kwargs = tree_unflatten(leaves, args_spec)
             out = torch.func.functional_call(meta_model, dict(zip(names, state)), tuple(call_args), call_kwargs)
             out_leaves, box["spec"] = tree_flatten(out)
-            box["values"] = [None if isinstance(o, torch.Tensor) else o for o in out_leaves]
+            box["values"] = [_TENSOR if isinstance(o, torch.Tensor) else o for o in out_leaves]
             return [o for o in out_leaves if isinstance(o, torch.Tensor)]
 
         state = [memo[id(t)] for t in [*params.values(), *buffers.values()]]
@@ -206,7 +208,7 @@ def _outputs(gm: torch.fx.GraphModule, state: list, inputs: list, box: dict) -> 
         reaches = tuple(i for i, g in zip(wanted, grads) if g is not None)
     described, it = [], iter(outs)
     for value in box["values"]:
-        if value is None:
+        if value is _TENSOR:
             o = next(it)
             described.append((m.TensorMeta.of(o.detach()), o.requires_grad))
         else:
