@@ -208,3 +208,83 @@ def test_unknown_options_are_refused_at_the_call(bob):
         tr.compile(torch.nn.Linear(2, 2), options={"cpp.cxx": "evil"})
     with pytest.raises(tr.WorkerPermissionError, match="backend"):
         tr.compile(torch.nn.Linear(2, 2), backend="my_backend")
+
+
+# --- tr.compile(optimizer): the step as one op on the worker -----------------------------------------
+
+def test_a_compiled_optimizer_steps_like_local_with_a_scheduler_in_one_op(bob, monkeypatch):
+    torch.manual_seed(0)
+    local = TinyTransformer()
+    remote = tr.send(copy.deepcopy(local), bob)
+    tokens, targets = torch.randint(0, 20, (4, 8)), torch.randint(0, 20, (4,))
+    losses, opts = {}, {}
+    for name, model, a, b, wrap in (("local", local, tokens, targets, lambda o: o),
+                                    ("remote", remote, tokens.send(bob), targets.send(bob), tr.compile)):
+        opt = opts[name] = wrap(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+        sched = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
+        losses[name] = []
+        for step in range(6):
+            if step == 5 and name == "remote":
+                calls = []
+                original = bob._call
+                monkeypatch.setattr(bob, "_call", lambda op, *a, **k: calls.append(op) or original(op, *a, **k))
+            opt.zero_grad()
+            loss = F.cross_entropy(model(a), b)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses[name].append(loss.item())
+    assert losses["remote"] == losses["local"]  # torch's own AdamW, on the same CPU kernels
+    assert calls.count("torchremote.optimizer_step") == 1 and not any("_foreach" in c for c in calls)
+    opts["remote"].zero_grad()
+    assert all(p.grad is None for p in remote.parameters())
+    remote_state, local_state = opts["remote"].state_dict(), opts["local"].state_dict()
+    assert remote_state["param_groups"] == local_state["param_groups"]  # lr 1e-2 halved twice
+    for i, state in local_state["state"].items():
+        for k, v in state.items():
+            assert isinstance(remote_state["state"][i][k], tr.RemoteTensor)
+            assert torch.equal(remote_state["state"][i][k].get(), v)
+    for p, q in zip(remote.parameters(), local.parameters()):
+        assert torch.equal(p.get(), q.detach())
+
+
+def test_a_compiled_optimizer_refuses_what_it_cannot_do(bob, server):
+    model = tr.send(torch.nn.Linear(3, 2), bob)
+    with pytest.raises(TypeError, match="torch's own optimizers"):
+        tr.compile(type("MyOpt", (torch.optim.SGD,), {})(model.parameters(), lr=0.1))
+    with pytest.raises(NotImplementedError, match="is a tensor"):
+        tr.compile(torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3).send(bob)).sum().backward()
+    opt.step()
+    with pytest.raises(NotImplementedError, match="before its first step"):
+        tr.compile(opt)
+    other = tr.connect(server.url)
+    try:
+        mixed = [torch.nn.Parameter(torch.ones(2)).to(bob.device), torch.nn.Parameter(torch.ones(2)).to(other.device)]
+        with pytest.raises(ValueError, match="one worker"):
+            tr.compile(torch.optim.SGD(mixed, lr=0.1))
+    finally:
+        other.close()
+    compiled = tr.compile(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(NotImplementedError, match="closure"):
+        compiled.step(lambda: None)
+
+
+def test_a_compiled_optimizer_keeps_private_data_private():
+    server = tr.start_worker(id="owner", token="client-token", owner_token="owner-token")
+    server.publish(torch.randn(4, 3), tags=["#private"], private=True)
+    client = tr.connect(server.url, token="client-token")
+    try:
+        (x,) = client.search("#private")
+        model = tr.send(torch.nn.Linear(3, 1), client)
+        opt = tr.compile(torch.optim.Adam(model.parameters(), lr=0.1))
+        model(x).sum().backward()
+        opt.step()
+        with pytest.raises(tr.ApprovalRequired):
+            model.weight.get()
+        with pytest.raises(tr.ApprovalRequired):
+            opt.state_dict()["state"][0]["exp_avg"].get()
+    finally:
+        client.close()
+        server.stop()

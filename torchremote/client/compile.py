@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..wire import messages as m
 from ..wire.graphs import BUILD_GRAPH, RUN_GRAPH, NotCapturable, checked_options, content_key, from_graph_module
 from . import autograd
+from .optimizer_on_worker import compile_optimizer
 from .session import Session, autocast_dtype
 from .tensor import RemoteTensor
 
@@ -34,10 +35,15 @@ _OPTIONS = ("backend", "mode", "fullgraph", "dynamic")
 _TENSOR = object()  # in an output's leaves: a tensor's place
 
 
-def compile(model: nn.Module, **compile_kwargs: Any) -> "CompiledModel":  # noqa: A001 (as torch.compile)
+def compile(model: nn.Module | torch.optim.Optimizer, **compile_kwargs: Any) -> Any:  # noqa: A001 (as torch.compile)
     """`model` with its forward compiled on the worker that holds its parameters (see module doc).
     `compile_kwargs` go to the worker's `torch.compile`: backend ("inductor", "aot_eager" or
-    "eager"), mode, fullgraph, dynamic."""
+    "eager"), mode, fullgraph, dynamic. Given a torch optimizer instead, its `step()` becomes
+    one op on that worker (`optimizer_on_worker.py`)."""
+    if isinstance(model, torch.optim.Optimizer):
+        if compile_kwargs:
+            raise TypeError("tr.compile(optimizer) takes no options")
+        return compile_optimizer(model)
     unknown = set(compile_kwargs) - set(_OPTIONS)
     if unknown:
         raise TypeError(f"tr.compile() got unexpected options {sorted(unknown)}; it takes {_OPTIONS}")

@@ -376,6 +376,12 @@ def _call_sync(worker: "Session", name: str, flat: list, spec: Any, nbytes: int)
     return _rebuild(worker, op_id, value, flat, name)
 
 
+def remote_call_sync(worker: "Session", op: str, args: tuple) -> Any:
+    """One of the worker's own ops (named, with wire arguments), answered: its tensors as pointers."""
+    op_id, value = worker._call_sync(op, args, {}, 0)
+    return _rebuild(worker, op_id, value, [], op)
+
+
 def run_remote(worker: "Session", fn: Callable, args: tuple, kwargs: dict) -> Any:
     """Run a client function on `worker` in one round trip: pointers in, pointers (or values) out."""
     flat, spec = tree_flatten((args, kwargs))

@@ -21,6 +21,10 @@ from .ops import resolve
 
 BUILD_GRAPH = "torchremote.build_graph"  # the worker's ops: check and build a graph, and run it
 RUN_GRAPH = "torchremote.run_graph"
+OPTIMIZER_NEW = "torchremote.optimizer_new"  # tr.compile(optimizer): torch's optimizer made on the worker
+OPTIMIZER_STEP = "torchremote.optimizer_step"
+OPTIMIZER_STATE = "torchremote.optimizer_state"
+OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
 GETITEM = "getitem"  # a multi-output op's i-th result: the one structural node
 HERE = {"device": "here"}
 _NAMESPACES = ("aten.", "prims.")

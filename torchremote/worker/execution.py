@@ -23,6 +23,7 @@ from .provenance import BACKWARD_OPS, Derived, Provenance
 from . import checkpoints, collectives, failures
 from .collectives import Groups
 from .graphs import CompiledGraphs
+from .optimizers import Optimizers
 from .activation_checkpoints import Region
 from .budget import MemoryBudget, Pool, describe
 from .read_only import ReadOnlyGuard, own_alias, touches
@@ -79,6 +80,7 @@ class Session:
         self.allow_code = allow_code
         self.checkpoint_dir = checkpoint_dir  # where checkpoints on the worker's disk go (None: none)
         self.provenance = Provenance(store.no_get_storages)
+        self._worker_ops.update(Optimizers(self.provenance).ops())  # tr.compile(optimizer), this session's own
         self.releases = releases if releases is not None else ReleaseDesk(self.log)
         self.is_owner = is_owner  # holds the owner token: may list and decide release requests
         self.budget = budget if budget is not None else MemoryBudget(None, self.device)
