@@ -85,11 +85,11 @@ class CompiledModel(nn.Module):
         self.captures = 0  # graphs captured (a new signature captures again)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        tensors = [*self.module.parameters(), *self.module.buffers()]
+        tensors = [*self.module.parameters(), *self.module.buffers()]  # once per call: each walk costs
         worker = _worker_of(tensors, args, kwargs)
         if worker is None:  # nothing on a worker: the model as it is
             return self.module(*args, **kwargs)
-        signature = _signature(self.module, args, kwargs)
+        signature = _signature(self.module, tensors, args, kwargs)
         capture = self._captures.get(signature) if signature is not None else "an argument is not hashable"
         if capture is None:
             capture = self._captures[signature] = self._capture(args, kwargs)
@@ -98,7 +98,7 @@ class CompiledModel(nn.Module):
                 self._warned.add(signature)
                 warnings.warn(f"tr.compile: {capture}; this call runs eagerly, op by op", stacklevel=2)
             return self.module(*args, **kwargs)
-        return self._run(worker, capture, args, kwargs)
+        return self._run(worker, capture, tensors, args, kwargs)
 
     # --- capture ---
     def _capture(self, args: tuple, kwargs: dict) -> _Capture | str:
@@ -150,9 +150,9 @@ class CompiledModel(nn.Module):
         return _Capture(key, data, constants, options, outs, box["spec"], reaches)
 
     # --- run ---
-    def _run(self, worker: Session, capture: _Capture, args: tuple, kwargs: dict) -> Any:
+    def _run(self, worker: Session, capture: _Capture, tensors: list, args: tuple, kwargs: dict) -> Any:
         flat_args = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        flat = [*self.module.parameters(), *self.module.buffers(), *flat_args]
+        flat = [*tensors, *flat_args]
         refs = []
         for a in flat:
             if isinstance(a, RemoteTensor):
@@ -229,7 +229,7 @@ def _worker_of(tensors: list, args: tuple, kwargs: dict) -> Session | None:
     return None
 
 
-def _signature(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+def _signature(model: nn.Module, tensors: list, args: tuple, kwargs: dict) -> Any:
     """What a capture depends on: the inputs' metadata (shapes, strides, dtypes, requires_grad), the
     other arguments' values, the parameters' and buffers' metadata, each module's training mode,
     grad mode and autocast. Read from the pointers' own metadata: no torch call per parameter."""
@@ -242,7 +242,7 @@ def _signature(model: nn.Module, args: tuple, kwargs: dict) -> Any:
             parts.append((tuple(a.shape), a.stride(), a.dtype, a.requires_grad, "local"))
         else:
             parts.append((type(a), a))
-    for t in (*model.parameters(), *model.buffers()):
+    for t in tensors:  # the parameters, then the buffers
         parts.append((t._tmeta, t._rg) if type(t) is RemoteTensor else (t.shape, t.dtype, t.requires_grad))
     parts.append(tuple(m.training for m in model.modules()))
     key = tuple(parts)
