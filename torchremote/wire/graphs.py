@@ -1,4 +1,5 @@
-"""A captured forward as plain data: what `tr.compile` sends, and how a worker rebuilds it.
+"""A captured forward as plain data: what `tr.compile` sends, and how a worker rebuilds it (and the
+names of the worker's own ops that `tr.compile` uses, for models and for optimizers).
 
 A graph is a list of nodes, each an ATen op named as the op vocabulary names it ("aten.addmm.default")
 with its arguments: numbers, strings, dtypes and other torch enums, lists of them, and references
