@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import torchremote as tr
-from benchmarks.training import counting, cpu_seconds, make_step, workloads
+from benchmarks.training import counting, cpu_seconds, make_step, worker_process, workloads
 
 MODELS = ("tiny MLP", "MLP 4 x 256", "transformer LM", "HF GPT2LMHeadModel")
 VARIANTS = ("local eager", "local torch.compile", "remote eager", "remote tr.compile", "remote tr.compile, optimizer too")
@@ -101,15 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     quick = parser.parse_args().quick
-    worker = subprocess.Popen([sys.executable, "-m", "torchremote", "worker", "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        bob = tr.connect(worker.stdout.readline().strip())
+    with worker_process() as bob:
         results = compiled_steps(bob, steps=5 if quick else 20, rounds=3 if quick else 5)
-        bob.close()
-    finally:
-        worker.kill()
-        worker.wait()
     print("\n".join(report({"compiled": results})), file=sys.stderr)
     print(json.dumps(results))
 

@@ -175,6 +175,22 @@ def counting(worker: tr.Worker):
             delattr(worker, name)
 
 
+@contextmanager
+def worker_process():
+    """A `torchremote worker` process on loopback and a client of it, both gone after."""
+    worker = subprocess.Popen([sys.executable, "-m", "torchremote", "worker", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        client = tr.connect(worker.stdout.readline().strip())
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 def make_step(model: nn.Module, opt, loss_fn: Callable, data: tuple) -> Callable[[], float]:
     def step() -> float:
         opt.zero_grad()
@@ -288,19 +304,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     quick = parser.parse_args().quick
-    worker = subprocess.Popen([sys.executable, "-m", "torchremote", "worker", "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     results: dict = {}
-    try:
-        bob = tr.connect(worker.stdout.readline().strip())
+    with worker_process() as bob:
         results["training_sizes"] = training_sizes(bob, steps=5 if quick else 20, rounds=3 if quick else 5)
         results["dropped_chain"] = dropped_chain(bob, 1000 if quick else 3000)
         results["pointer_bytes"] = pointer_bytes(bob)
-        bob.close()
-        results["federated"] = federated_coordinator(2 if quick else 3)
-    finally:
-        worker.kill()
-        worker.wait()
+    results["federated"] = federated_coordinator(2 if quick else 3)
     print("\n".join(report(results)), file=sys.stderr)
     print(json.dumps(results))
 

@@ -186,21 +186,26 @@ def test_a_second_client_reuses_the_compiled_graph(server):
         second.close()
 
 
-def test_private_data_stays_private_through_a_compiled_call():
+@pytest.fixture
+def private_data():
+    """A client of a worker that published private data: the client and a pointer to that data."""
     server = tr.start_worker(id="owner", token="client-token", owner_token="owner-token")
     server.publish(torch.randn(4, 3), tags=["#private"], private=True)
     client = tr.connect(server.url, token="client-token")
-    try:
-        (x,) = client.search("#private")
-        model = tr.compile(tr.send(torch.nn.Linear(3, 1), client), backend="aot_eager")
-        out = model(x)
-        with pytest.raises(tr.ApprovalRequired):
-            out.get()
-        with pytest.raises(tr.ApprovalRequired):
-            out.sum().item()
-    finally:
-        client.close()
-        server.stop()
+    (x,) = client.search("#private")
+    yield client, x
+    client.close()
+    server.stop()
+
+
+def test_private_data_stays_private_through_a_compiled_call(private_data):
+    client, x = private_data
+    model = tr.compile(tr.send(torch.nn.Linear(3, 1), client), backend="aot_eager")
+    out = model(x)
+    with pytest.raises(tr.ApprovalRequired):
+        out.get()
+    with pytest.raises(tr.ApprovalRequired):
+        out.sum().item()
 
 
 def test_unknown_options_are_refused_at_the_call(bob):
@@ -271,20 +276,13 @@ def test_a_compiled_optimizer_refuses_what_it_cannot_do(bob, server):
         compiled.step(lambda: None)
 
 
-def test_a_compiled_optimizer_keeps_private_data_private():
-    server = tr.start_worker(id="owner", token="client-token", owner_token="owner-token")
-    server.publish(torch.randn(4, 3), tags=["#private"], private=True)
-    client = tr.connect(server.url, token="client-token")
-    try:
-        (x,) = client.search("#private")
-        model = tr.send(torch.nn.Linear(3, 1), client)
-        opt = tr.compile(torch.optim.Adam(model.parameters(), lr=0.1))
-        model(x).sum().backward()
-        opt.step()
-        with pytest.raises(tr.ApprovalRequired):
-            model.weight.get()
-        with pytest.raises(tr.ApprovalRequired):
-            opt.state_dict()["state"][0]["exp_avg"].get()
-    finally:
-        client.close()
-        server.stop()
+def test_a_compiled_optimizer_keeps_private_data_private(private_data):
+    client, x = private_data
+    model = tr.send(torch.nn.Linear(3, 1), client)
+    opt = tr.compile(torch.optim.Adam(model.parameters(), lr=0.1))
+    model(x).sum().backward()
+    opt.step()
+    with pytest.raises(tr.ApprovalRequired):
+        model.weight.get()
+    with pytest.raises(tr.ApprovalRequired):
+        opt.state_dict()["state"][0]["exp_avg"].get()
