@@ -363,3 +363,15 @@ def test_a_failure_that_knows_no_values_is_reported_as_on_open_data(alice):
     with pytest.raises(RuntimeError, match=r"same reduction dim, but got \[1, 4\] X \[2, 2\]"):
         alice.sync()  # a fake run fails alike: the error knows no values, and is told
     assert (x.sum() * 0).shape == ()
+
+
+def test_a_fused_optimizer_step_on_private_gradients_keeps_the_parameters_private(alice):
+    """Fused kernels (`_fused_adam_`) change their inputs without a version bump: what their schema
+    says they write is marked all the same."""
+    x, _, _ = private(alice)
+    model = tr.send(torch.nn.Linear(4, 1), alice)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    model(x.unsqueeze(0)).sum().backward()
+    opt.step()
+    refused(lambda: model.weight.get())
+    refused(lambda: opt.state[model.bias]["exp_avg"].get())

@@ -465,7 +465,9 @@ class Session:
                 region.record(run, args, kwargs, grad_enabled, autocast, leaves)
             measured = self._check_room(leaves, op=op)
             if derived is not None:
-                self._track(op, derived, leaves, tensors, versions, None if load is ops.resolve else result)
+                written = _written_by_schema(func, args, kwargs) if isinstance(func, torch._ops.OpOverload) else []
+                self._track(op, derived, leaves + written, tensors, versions,
+                            None if load is ops.resolve else result)
         except _Poisoned as p:  # reported where it happened; only answer if asked
             if op in collectives.RELEASES and self._groups is not None and wire_args:
                 self._groups.decline(wire_args[0], self.device)  # the other ranks stop waiting for it
@@ -715,6 +717,20 @@ def _reply_id(cmd: Any) -> int | None:
     if isinstance(cmd, m.Run) or isinstance(cmd, m.Call) and cmd.reply:
         return cmd.op_id
     return getattr(cmd, "req_id", None)
+
+
+def _written_by_schema(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an ATen op's schema says it writes (`Tensor(a!)`). Version counters miss some:
+    the fused optimizer kernels (`_fused_adam_`, ...) change their inputs without a bump."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        for t in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(t, torch.Tensor):
+                written.append(t)
+    return written
 
 
 def _describe_result(result: Any, inputs: dict[int, m.Ref]) -> Any:
