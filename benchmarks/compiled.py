@@ -1,9 +1,10 @@
 """Compiled steps: `tr.compile` on a worker process beside local eager, local `torch.compile` and
 remote eager, one run (part of `make bench`, section 4i).
 
-Each model trains from the same weights on the same batch: 20 steps are timed per variant after
-a warm-up (the first step of a compiled variant is its capture and compile, reported apart), and
-the 20 losses are compared with local `torch.compile` (1e-5 relative) and local eager (1e-4).
+Each model trains from the same weights on the same batch. The first 20 steps of each variant give
+its losses, compared with local `torch.compile` (1e-5 relative) and local eager (1e-4); the first
+of them is the capture and compile of a compiled variant, reported apart. Then rounds of 20 steps
+are timed, the variants interleaved round by round, and the medians reported.
 """
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ def compiled_steps(bob: tr.Worker, steps: int, rounds: int) -> dict:
                                                  tr.compile),
         }
         row: dict = {}
-        curves = {}
+        curves, stepping = {}, {}
         for label, (model, d, wrap) in variants.items():
-            step = make_step(model, wrap(make_opt(model.parameters())), loss_fn, d)
+            step = stepping[label] = make_step(model, wrap(make_opt(model.parameters())), loss_fn, d)
             t0 = time.perf_counter()
             first = step()  # capture and compile, for the compiled ones
             row[f"{label} first step s"] = time.perf_counter() - t0
@@ -77,9 +78,16 @@ def compiled_steps(bob: tr.Worker, steps: int, rounds: int) -> dict:
                 with counting(bob) as counts:
                     step()
                 row[f"{label} calls"], row["round_trips"] = counts["calls"], counts["round_trips"]
-            row[f"{label} ms"], cpu = _timed(step, steps, rounds)
+        timings: dict = {label: ([], []) for label in variants}
+        for _ in range(rounds):  # interleaved: a slow spell of the machine hits every variant alike
+            for label, step in stepping.items():
+                wall, cpu = _timed(step, steps, 1)
+                timings[label][0].append(wall)
+                timings[label][1].append(cpu)
+        for label, (wall, cpu) in timings.items():
+            row[f"{label} ms"] = statistics.median(wall)
             if label.startswith("remote"):
-                row[f"{label} client cpu ms"] = cpu
+                row[f"{label} client cpu ms"] = statistics.median(cpu)
         rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))  # noqa: E731
         for label in ("remote tr.compile", "remote tr.compile, optimizer too"):
             row[f"{label} max rel diff vs local compile"] = rel(curves[label], curves["local torch.compile"])
