@@ -287,3 +287,20 @@ def test_a_compiled_optimizer_keeps_private_data_private(private_data):
         model.weight.get()
     with pytest.raises(tr.ApprovalRequired):
         opt.state_dict()["state"][0]["exp_avg"].get()
+
+
+def test_a_compiled_optimizers_state_counts_against_the_memory_budget():
+    server = tr.start_worker(id="budgeted", max_memory="64MiB")
+    client = tr.connect(server.url)
+    try:
+        model = tr.send(torch.nn.Linear(1024, 1024), client)  # 4 MiB of parameters
+        opt = tr.compile(torch.optim.Adam(model.parameters(), lr=1e-3))
+        model(torch.ones(2, 1024).send(client)).sum().backward()
+        before = torch.remote.memory_allocated(client.device)
+        opt.step()
+        grown = torch.remote.memory_allocated(client.device) - before
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert 2 * params <= grown <= 2 * params + 4096  # exp_avg and exp_avg_sq (and the steps)
+    finally:
+        client.close()
+        server.stop()

@@ -50,10 +50,13 @@ class Optimizers:
             return None
         raise RuntimeError(f"torch.optim.{name} could not be made from these parameter groups")
 
-    def step(self, key: int, hypers: list, *tensors: torch.Tensor) -> None:
+    def step(self, key: int, hypers: list, *tensors: torch.Tensor) -> tuple:
         """One step, with each group's hyperparameters as the client has them now (a scheduler's
-        lr). `tensors`: the parameters and their gradients, for provenance."""
+        lr). `tensors`: the parameters and their gradients, for provenance. Returns the state
+        tensors this step made (the first step's), so that the session holds them and the memory
+        budget counts them; the client names none of them, and they go with the session."""
         opt = self._optimizer(key)
+        before = {id(t) for state in opt.state.values() for t in state.values()}
         impl = self._impl[key]
         for group, hyper in zip(opt.param_groups, hypers):
             _check_hyper(hyper)
@@ -70,7 +73,8 @@ class Optimizers:
                         for t in opt.state.get(p, {}).values():
                             if isinstance(t, torch.Tensor):
                                 self.provenance.mark(t, derived)
-        return None
+        return tuple(t for state in opt.state.values() for t in state.values()
+                     if isinstance(t, torch.Tensor) and id(t) not in before)
 
     def state(self, key: int) -> list:
         """Each parameter's state, in order: `[[name, tensor], ...]` per parameter."""
