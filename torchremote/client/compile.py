@@ -25,7 +25,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..wire import messages as m
-from ..wire.graphs import BUILD_GRAPH, RUN_GRAPH, NotCapturable, checked_options, content_key, from_graph_module
+from ..wire.graphs import (BUILD_GRAPH, RUN_GRAPH, TRACING, NotCapturable, checked_options, content_key,
+                           from_graph_module)
 from . import autograd
 from .optimizer_on_worker import compile_optimizer
 from .session import Session, autocast_dtype
@@ -137,7 +138,8 @@ class CompiledModel(nn.Module):
         if any(i is None for i in inputs):
             return "an argument is a tensor on neither the worker nor the CPU"
         try:
-            gm = make_fx(forward, pre_dispatch=True)(state, inputs)
+            with TRACING:
+                gm = make_fx(forward, pre_dispatch=True)(state, inputs)
             data, constants = from_graph_module(gm)
         except NotCapturable as e:
             return str(e)
@@ -162,11 +164,14 @@ class CompiledModel(nn.Module):
                 refs.append(a._ref)
             else:
                 refs.append(a.detach().clone())  # a local input travels with the call
-        if id(worker) not in capture.built_on:
+        first = id(worker) not in capture.built_on
+        if first:
             worker._call(BUILD_GRAPH, (capture.key, capture.data, capture.constants, capture.options), {},
                          sum(t.numel() * t.element_size() for t in capture.constants))
             capture.built_on.add(id(worker))
         op_id = worker._call(RUN_GRAPH, (capture.key, *refs), {}, 0, capture.new_bytes)
+        if first:  # the first run compiles: wait for it (see worker/graphs.py); a refusal raises here
+            worker.sync()
         grad = torch.is_grad_enabled()
         edges = autograd.edges(flat, capture.reaches) if grad else ()
         results, k = [], 0

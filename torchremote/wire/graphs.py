@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import threading
 from typing import Any
 
 import torch
@@ -29,6 +30,10 @@ OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "
 GETITEM = "getitem"  # a multi-output op's i-th result: the one structural node
 HERE = {"device": "here"}
 _NAMESPACES = ("aten.", "prims.")
+# Held while a client traces a forward and while a worker runs a compiled graph: with the worker in
+# the client's process, torch's FX tracing flag is process-wide, and a compiled function run while
+# another thread traces refuses to run ("FX to symbolically trace a dynamo-optimized function").
+TRACING = threading.Lock()
 _ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from ..wire.errors import WorkerPermissionError
-from ..wire.graphs import BUILD_GRAPH, RUN_GRAPH, checked_options, content_key, to_graph_module
+from ..wire.graphs import BUILD_GRAPH, RUN_GRAPH, TRACING, checked_options, content_key, to_graph_module
 
 class CompiledGraphs:
     """The worker's compiled graphs, by content hash."""
@@ -22,6 +22,7 @@ class CompiledGraphs:
         self._lock = threading.Lock()
         self._graphs: dict[str, Callable] = {}
         self._failed: dict[str, Exception] = {}
+        self._ran: set[str] = set()  # graphs compiled by a first run
         self.builds = 0  # graphs built here (a reused one is not counted again)
 
     def ops(self) -> dict[str, Callable]:
@@ -53,10 +54,20 @@ class CompiledGraphs:
         return None
 
     def run(self, key: str, *tensors: torch.Tensor) -> Any:
+        """Run a built graph. Its first run compiles it, backward included (not at the first
+        backward, as torch would): the client waits for that run, so that no compilation overlaps
+        its own torch code (torch's compiling flag is process-wide, and a worker may share the
+        client's process)."""
         fn = self._graphs.get(key)
         if fn is None:
             failed = self._failed.get(key)
             if failed is not None:
                 raise type(failed)(f"the graph was refused: {failed}")
             raise LookupError(f"graph {key[:12]} was not built on this worker")
-        return fn(*tensors)
+        with TRACING:
+            if key in self._ran:
+                return fn(*tensors)
+            with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                result = fn(*tensors)
+            self._ran.add(key)
+            return result
