@@ -275,6 +275,9 @@ def test_a_compiled_optimizer_refuses_what_it_cannot_do(bob, server):
     compiled = tr.compile(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(NotImplementedError, match="closure"):
         compiled.step(lambda: None)
+    compiled.add_param_group({"params": [torch.nn.Parameter(torch.ones(2)).to(bob.device)]})
+    with pytest.raises(NotImplementedError, match="parameter groups changed"):
+        compiled.step()
 
 
 def test_a_compiled_optimizer_keeps_private_data_private(private_data):

@@ -67,6 +67,9 @@ def _step(opt: torch.optim.Optimizer, closure: Any = None) -> None:
         raise NotImplementedError("tr.compile(optimizer).step(closure) is not supported; call the closure first")
     on = getattr(opt, _ATTR)
     worker = on.worker
+    if [len(g["params"]) for g in opt.param_groups] != on.counts:
+        raise NotImplementedError("the optimizer's parameter groups changed after tr.compile(optimizer) "
+                                  "(add_param_group): compile a new optimizer instead")
     hypers = [_hyper(g) for g in opt.param_groups]
     if not on.made:
         groups = [[count, hyper] for count, hyper in zip(on.counts, hypers)]
