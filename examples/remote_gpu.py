@@ -3,9 +3,11 @@
 On the box:     torchremote worker --id box --host 0.0.0.0 --port 3000 --token-file token --device cuda
 On the laptop:  TORCHREMOTE_TOKEN=... python examples/remote_gpu.py ws://BOX:3000
 
-With no URL, this starts a worker in this process (on the GPU if there is one here).
+With no URL, this starts a worker in this process (on the GPU if there is one here). With
+--compiled, the forward is compiled on the box and the optimizer steps there as one op
+(tr.compile): a step costs the laptop a handful of calls instead of one per torch op.
 """
-import sys
+import argparse
 import time
 
 import torch
@@ -14,7 +16,11 @@ import torch.nn.functional as F
 
 import torchremote as tr
 
-url = sys.argv[1] if len(sys.argv) > 1 else None
+parser = argparse.ArgumentParser(description="train a model on a remote box")
+parser.add_argument("url", nargs="?", help="the box's worker (default: one in this process)")
+parser.add_argument("--compiled", action="store_true", help="tr.compile the model and the optimizer")
+args = parser.parse_args()
+url = args.url
 server = None
 if url is None:
     server = tr.start_worker(id="box", device="cuda" if torch.cuda.is_available() else "cpu")
@@ -29,6 +35,8 @@ with tr.on(box):                    # weights are created on the box: they never
     data = torch.randn(4096, 512)   # generated on the box too
     target = data[:, :10].argmax(1)  # a rule to learn: which of the first 10 features is largest
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+if args.compiled:
+    model, opt = tr.compile(model), tr.compile(opt)  # captured at the first step, compiled on the box
 
 start = time.perf_counter()
 for step in range(1, 21):

@@ -93,6 +93,7 @@ def test_console_script_is_installed():
 @pytest.mark.parametrize("script,args,expect", [
     ("examples/train_mnist_like.py", ["--epochs", "1"], "CNN: weights fetched"),
     ("examples/remote_gpu.py", [], "parameters live on the box"),
+    ("examples/remote_gpu.py", ["--compiled"], "parameters live on the box"),
 ])
 def test_training_examples_run(script, args, expect):
     out = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True,
