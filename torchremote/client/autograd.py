@@ -117,9 +117,9 @@ def record(plan: inference.Plan, flat: list, results: list) -> None:
         if out.kind == inference.NEW:
             result._rg = requires_grad
             if recorded:
-                result._grad_node = Node(name, _edges(flat, reaches))
+                result._grad_node = Node(name, edges(flat, reaches))
         elif out.kind == inference.IN:
-            _in_place(result, requires_grad, name, _edges(flat, reaches) if recorded else None)
+            _in_place(result, requires_grad, name, edges(flat, reaches) if recorded else None)
 
 
 def record_node(t: RemoteTensor, name: str, edges: tuple) -> None:
@@ -130,18 +130,14 @@ def record_node(t: RemoteTensor, name: str, edges: tuple) -> None:
 
 def edges(flat: list, positions: tuple[int, ...]) -> tuple:
     """The edges to the flat inputs at `positions` that require grad."""
-    return _edges(flat, positions)
-
-
-def _edges(flat: list, positions: tuple[int, ...]) -> tuple:
-    edges = []
+    found = []
     for i in positions:
         a = flat[i]
         if isinstance(a, RemoteTensor):
             e = edge_of(a)
             if e is not None:
-                edges.append(e)
-    return tuple(edges)
+                found.append(e)
+    return tuple(found)
 
 
 def _in_place(t: RemoteTensor, requires_grad: bool, name: str | None, edges: tuple | None) -> None:
@@ -171,12 +167,12 @@ def _retain_moves(old: Node | None, new: Node) -> None:
 
 def rebuild_outputs(flat: list, name: str, results: Iterable[RemoteTensor]) -> None:
     """Results of a synchronous call that require grad: their history reaches every input's."""
-    edges = None
+    reached = None
     for r in results:
         if r._rg:
-            if edges is None:
-                edges = _edges(flat, tuple(range(len(flat))))
-            r._grad_node = Node(name, edges)
+            if reached is None:
+                reached = edges(flat, tuple(range(len(flat))))
+            r._grad_node = Node(name, reached)
 
 
 # --- backward and autograd.grad ------------------------------------------------------------------

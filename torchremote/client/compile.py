@@ -16,6 +16,7 @@ eagerly, op by op, and one warning names the reason.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any
 
@@ -25,14 +26,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..wire import messages as m
-from ..wire.graphs import (BUILD_GRAPH, RUN_GRAPH, TRACING, NotCapturable, checked_options, content_key,
+from ..wire.graphs import (BUILD_GRAPH, OPTIONS, RUN_GRAPH, TRACING, NotCapturable, checked_options, content_key,
                            from_graph_module)
 from . import autograd
+from .dispatch import to_wire, worker_of
 from .optimizer_on_worker import compile_optimizer
 from .session import Session, autocast_dtype
 from .tensor import RemoteTensor
 
-_OPTIONS = ("backend", "mode", "fullgraph", "dynamic")
 _TENSOR = object()  # in an output's leaves: a tensor's place
 
 
@@ -45,9 +46,9 @@ def compile(model: nn.Module | torch.optim.Optimizer, **compile_kwargs: Any) -> 
         if compile_kwargs:
             raise TypeError("tr.compile(optimizer) takes no options")
         return compile_optimizer(model)
-    unknown = set(compile_kwargs) - set(_OPTIONS)
+    unknown = set(compile_kwargs) - set(OPTIONS)
     if unknown:
-        raise TypeError(f"tr.compile() got unexpected options {sorted(unknown)}; it takes {_OPTIONS}")
+        raise TypeError(f"tr.compile() got unexpected options {sorted(unknown)}; it takes {OPTIONS}")
     return CompiledModel(model, checked_options(compile_kwargs))
 
 
@@ -63,14 +64,7 @@ class _Capture:
         self.spec = spec
         self.reaches = reaches  # the flat inputs the outputs' gradients reach
         self.built_on: set[int] = set()  # id() of the sessions that were sent the graph
-        self.new_bytes = sum(_nbytes(o[0]) for o in outs if o[0] != "value")
-
-
-def _nbytes(meta: m.TensorMeta) -> int:
-    n = 1
-    for s in meta.shape:
-        n *= s
-    return n * meta.dtype.itemsize
+        self.new_bytes = sum(math.prod(o[0].shape) * o[0].dtype.itemsize for o in outs if o[0] != "value")
 
 
 class CompiledModel(nn.Module):
@@ -109,10 +103,9 @@ class CompiledModel(nn.Module):
         buffers = dict(self.module.named_buffers())
         memo: dict[int, Any] = {}
         for t in [*params.values(), *buffers.values()]:
-            meta = t._stand_in() if isinstance(t, RemoteTensor) else None
-            if meta is None:
+            if not isinstance(t, RemoteTensor):
                 return "a parameter or buffer of the model is not on the worker"
-            meta = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device="meta")
+            meta = _fresh_meta(t)
             memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
         try:
             meta_model = copy.deepcopy(self.module, memo)
@@ -155,21 +148,14 @@ class CompiledModel(nn.Module):
     def _run(self, worker: Session, capture: _Capture, tensors: list, args: tuple, kwargs: dict) -> Any:
         flat_args = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         flat = [*tensors, *flat_args]
-        refs = []
-        for a in flat:
-            if isinstance(a, RemoteTensor):
-                if a._worker is not worker:
-                    raise RuntimeError(f"Expected all tensors to be on the same device, but found at least "
-                                       f"two devices, {worker.device} and {a.device}!")
-                refs.append(a._ref)
-            else:
-                refs.append(a.detach().clone())  # a local input travels with the call
+        worker_of(flat, worker)  # one worker, or torch's mixed-device error naming both
+        refs, nbytes = to_wire(flat)  # pointers by reference, local inputs as a snapshot
         first = id(worker) not in capture.built_on
         if first:
             worker._call(BUILD_GRAPH, (capture.key, capture.data, capture.constants, capture.options), {},
                          sum(t.numel() * t.element_size() for t in capture.constants))
             capture.built_on.add(id(worker))
-        op_id = worker._call(RUN_GRAPH, (capture.key, *refs), {}, 0, capture.new_bytes)
+        op_id = worker._call(RUN_GRAPH, (capture.key, *refs), {}, nbytes, capture.new_bytes)
         if first:  # the first run compiles: wait for it (see worker/graphs.py); a refusal raises here
             worker.sync()
         grad = torch.is_grad_enabled()
@@ -188,14 +174,15 @@ class CompiledModel(nn.Module):
         return tree_unflatten(results, capture.spec)
 
 
+def _fresh_meta(t: torch.Tensor) -> torch.Tensor:
+    """A new meta tensor shaped like `t` (a pointer's own stand-in must never be traced into)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
 def _meta_of(t: torch.Tensor) -> torch.Tensor | None:
-    if isinstance(t, RemoteTensor):
-        s = t._stand_in()
-        meta = torch.empty_strided(s.shape, s.stride(), dtype=s.dtype, device="meta")
-    elif t.device.type == "cpu":
-        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-    else:
+    if not isinstance(t, RemoteTensor) and t.device.type != "cpu":
         return None
+    meta = _fresh_meta(t)
     return meta.requires_grad_(t.requires_grad) if t.requires_grad else meta
 
 
@@ -203,8 +190,7 @@ def _outputs(gm: torch.fx.GraphModule, state: list, inputs: list, box: dict) -> 
     """Each output's metadata and whether it requires grad, and which flat inputs its gradients
     reach: the graph run once more on fresh meta tensors, under autograd."""
     def fresh(ts: list) -> list:
-        return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
-                for t in ts]
+        return [_fresh_meta(t).requires_grad_(t.requires_grad) for t in ts]
 
     state, inputs = fresh(state), fresh(inputs)
     flat = [*state, *inputs]

@@ -65,7 +65,7 @@ def queue(func: Callable, args: tuple, kwargs: dict, *, returns_self: bool = Fal
     if name is None:
         raise NotImplementedError(f"torchremote cannot run {func!r} on a worker")
     _check_sendable(name, flat)
-    wire_flat, nbytes = _to_wire(flat)
+    wire_flat, nbytes = to_wire(flat)
     wire_args, wire_kwargs = _unflatten(wire_flat, spec)
     op_id = worker._call(name, wire_args, wire_kwargs, nbytes)
     if returns_self:
@@ -82,7 +82,7 @@ def _local_bytes(flat: list) -> int:
                if isinstance(a, torch.Tensor) and not isinstance(a, RemoteTensor))
 
 
-def _to_wire(flat: list) -> tuple[list, int]:
+def to_wire(flat: list) -> tuple[list, int]:
     """Pointers become references; local operands travel as a snapshot taken now (their bytes
     counted, for the message size)."""
     out, nbytes = [], 0
@@ -320,7 +320,7 @@ def _call(worker: "Session", func: Callable, name: str, flat: list, spec: Any, k
     for out in outs:
         if out.kind == inference.IN:
             _check_writable(name, worker, flat[out.payload])
-    wire_flat, nbytes = _to_wire(flat)
+    wire_flat, nbytes = to_wire(flat)
     wire_args, wire_kwargs = _unflatten(wire_flat, spec)
     op_id = worker._call(name, wire_args, wire_kwargs, nbytes, plan.new_bytes)
     metas = plan.metas

@@ -38,13 +38,14 @@ _ENUMS = (torch.dtype, torch.layout, torch.memory_format)
 
 
 # what a client may ask torch.compile for: nothing that names code or files
+OPTIONS = ("backend", "mode", "fullgraph", "dynamic")
 BACKENDS = ("inductor", "aot_eager", "eager")
 _MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def checked_options(options: dict) -> dict:
     """`torch.compile` keyword arguments a client may choose, in full; anything else is refused."""
-    unknown = set(options) - {"backend", "mode", "fullgraph", "dynamic"}
+    unknown = set(options) - set(OPTIONS)
     if unknown:
         raise WorkerPermissionError(f"tr.compile options {sorted(unknown)} are not accepted (backend, "
                                     f"mode, fullgraph and dynamic are)")

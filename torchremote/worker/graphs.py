@@ -13,6 +13,7 @@ import torch
 from ..wire.errors import WorkerPermissionError
 from ..wire.graphs import BUILD_GRAPH, RUN_GRAPH, TRACING, checked_options, content_key, to_graph_module
 
+
 class CompiledGraphs:
     """The worker's compiled graphs, by content hash."""
 
